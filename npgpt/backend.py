@@ -1,0 +1,169 @@
+"""Array backend: NumPy on the CPU or CuPy on an NVIDIA GPU, chosen by one switch.
+
+This is the only module in npgpt that imports cupy. Everything else asks for the array module
+with ``get_array_module(x)`` (the module that owns array ``x``) or ``backend.xp`` (the active one),
+in the spirit of DeZero's ``get_array_module``: NumPy and CuPy share one API, so the engine, the
+layers and the optimizers are written once.
+
+Choose the backend with ``npgpt.backend.use("numpy" | "cupy")`` or the environment variable
+``NPGPT_BACKEND`` (read at import). The default float dtype (float32 for training, float64 for
+gradient checks) is set with ``set_default_dtype`` or the ``default_dtype`` context manager.
+"""
+import contextlib
+import os
+
+import numpy as np
+
+__all__ = [
+    "use", "name", "xp", "get_xp", "get_array_module", "to_numpy", "to_device", "is_cupy_available",
+    "get_default_dtype", "set_default_dtype", "default_dtype", "seed", "rng", "scatter_add",
+    "BackendError",
+]
+
+
+class BackendError(RuntimeError):
+    """The requested array backend cannot be used on this machine."""
+
+
+_CUPY_FIX = ('install CuPy for your CUDA version (pip install -e ".[gpu]", or cupy-cuda11x / '
+             'cupy-cuda13x to match `nvidia-smi`) on a machine with an NVIDIA GPU, '
+             'or use the NumPy backend: npgpt.backend.use("numpy") / NPGPT_BACKEND=numpy')
+
+_cupy = None          # the cupy module once it has been imported successfully
+xp = np               # the active array module; read it as `backend.xp`, never copy it at import
+name = "numpy"        # "numpy" or "cupy"
+_dtype = np.dtype(np.float32)
+_rng = None           # the active backend's random Generator, created by seed()/rng()
+
+
+def _import_cupy():
+    """Import cupy and check that a GPU is usable, or raise one BackendError naming the fix."""
+    global _cupy
+    if _cupy is not None:
+        return _cupy
+    try:
+        import cupy  # the one cupy import in the package
+    except Exception as e:  # ImportError, or a broken CUDA install raising at import
+        raise BackendError(f"the cupy backend needs CuPy, which could not be imported ({e}); "
+                           f"to fix: {_CUPY_FIX}") from e
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise BackendError(f"CuPy is installed but no CUDA GPU is usable ({e}); to fix: {_CUPY_FIX}") from e
+    if n < 1:
+        raise BackendError(f"CuPy is installed but found no CUDA GPU; to fix: {_CUPY_FIX}")
+    _cupy = cupy
+    return cupy
+
+
+def is_cupy_available():
+    """True when CuPy imports and sees at least one GPU (never raises)."""
+    try:
+        _import_cupy()
+        return True
+    except BackendError:
+        return False
+
+
+def use(backend):
+    """Switch the active backend to ``"numpy"`` (CPU) or ``"cupy"`` (GPU); returns the array module.
+
+    Tensors created afterwards live on the new backend; existing arrays are not moved
+    (use ``to_device``). Raises BackendError if cupy is asked for but cannot run here.
+    """
+    global xp, name, _rng
+    if backend in ("numpy", "cpu", "np"):
+        xp, name = np, "numpy"
+    elif backend in ("cupy", "cuda", "gpu", "cp"):
+        xp, name = _import_cupy(), "cupy"
+    else:
+        raise ValueError(f"unknown backend {backend!r}: use 'numpy' (CPU) or 'cupy' (NVIDIA GPU)")
+    _rng = None
+    return xp
+
+
+def get_xp():
+    """The active array module (numpy or cupy)."""
+    return xp
+
+
+def get_array_module(*arrays):
+    """The array module (numpy or cupy) that owns the given arrays (or Tensors); numpy for scalars."""
+    if _cupy is not None:
+        for a in arrays:
+            a = getattr(a, "data", a) if not isinstance(a, np.ndarray) else a
+            if isinstance(a, _cupy.ndarray):
+                return _cupy
+    return np
+
+
+def to_numpy(x):
+    """A NumPy copy/view of an array or Tensor on any backend (device arrays are copied to host)."""
+    x = getattr(x, "data", x) if not isinstance(x, np.ndarray) else x
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+def to_device(x, dtype=None):
+    """``x`` as an array of the active backend (host arrays are copied to the GPU under cupy)."""
+    if isinstance(x, xp.ndarray) and (dtype is None or x.dtype == dtype):
+        return x
+    if xp is np:
+        return np.asarray(to_numpy(x), dtype=dtype)
+    return xp.asarray(x, dtype=dtype)
+
+
+def get_default_dtype():
+    """The float dtype new Tensors and parameters get (float32 unless changed)."""
+    return _dtype
+
+
+def set_default_dtype(dtype):
+    """Set the default float dtype: float16, float32 (training) or float64 (gradient checks)."""
+    global _dtype
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"the default dtype must be a float dtype, not {dtype}")
+    _dtype = dtype
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Temporarily use ``dtype`` as the default float dtype: ``with default_dtype("float64"): ...``."""
+    old = _dtype
+    set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        set_default_dtype(old)
+
+
+def seed(s):
+    """Seed the active backend's random Generator (and return it)."""
+    global _rng
+    _rng = xp.random.default_rng(s)
+    return _rng
+
+
+def rng():
+    """The active backend's random Generator (``numpy.random.Generator`` or CuPy's); seeded with 0 if unseeded."""
+    global _rng
+    if _rng is None:
+        seed(0)
+    return _rng
+
+
+def scatter_add(a, indices, values):
+    """In place ``a[indices] += values`` where repeated indices accumulate (unbuffered, like ``np.add.at``)."""
+    if get_array_module(a) is np:
+        np.add.at(a, indices, values)
+    else:
+        import cupyx  # noqa: F401  (part of the cupy install)
+        cupyx.scatter_add(a, indices, values)
+    return a
+
+
+_env = os.environ.get("NPGPT_BACKEND")
+if _env:
+    use(_env.strip().lower())

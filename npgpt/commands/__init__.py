@@ -1,0 +1,1 @@
+"""Subcommands of the `npgpt` CLI, one module each (see npgpt/cli.py)."""
