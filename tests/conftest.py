@@ -1,0 +1,39 @@
+"""Shared fixtures: the ``xp`` fixture runs a test on NumPy, and on CuPy when a GPU is present."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from npgpt import backend
+
+settings.register_profile("npgpt", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("npgpt")
+
+_BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.cupy)]
+
+
+@pytest.fixture(params=_BACKENDS)
+def xp(request):
+    """The array module of the backend under test (numpy, or cupy when a GPU is usable).
+
+    The backend is switched for the duration of the test and restored afterwards, with the
+    default dtype and the RNG."""
+    if request.param == "cupy" and not backend.is_cupy_available():
+        pytest.skip("cupy backend: CuPy or a CUDA GPU is not available")
+    old_name, old_dtype = backend.name, backend.get_default_dtype()
+    mod = backend.use(request.param)
+    backend.seed(0)
+    try:
+        yield mod
+    finally:
+        backend.use(old_name)
+        backend.set_default_dtype(old_dtype)
+
+
+@pytest.fixture
+def f64():
+    """Run the test with float64 as the default dtype (for finite-difference checks)."""
+    with backend.default_dtype(np.float64):
+        yield
