@@ -9,6 +9,7 @@ import sys
 
 # modules that contribute subcommands, in the order `npgpt --help` lists them
 SUBCOMMAND_MODULES = [
+    "npgpt.commands.train_cmd",
     "npgpt.commands.gradcheck_cmd",
 ]
 
@@ -32,7 +33,11 @@ def _version():
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "accepts_overrides", False):
+        args.overrides = extra          # --key=value knobs, validated by the subcommand
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

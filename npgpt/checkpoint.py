@@ -1,0 +1,88 @@
+"""Checkpoints: nested dicts of arrays and plain values in one ``.npz`` file, written atomically.
+
+Arrays are stored as npz members (no pickle: ``allow_pickle=False`` on load, so a checkpoint
+cannot run code); everything else (numbers, strings, lists, RNG states) goes into one JSON member.
+A save writes a temporary file in the same directory, fsyncs it and renames it over the target,
+so a crash mid-save leaves the previous checkpoint intact.
+"""
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from . import backend
+
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+
+_SEP = "/"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or not an npgpt checkpoint."""
+
+
+def _split(obj, prefix, arrays):
+    """Replace arrays in a nested structure by references, collecting them into ``arrays``."""
+    if isinstance(obj, dict):
+        return {str(k): _split(v, f"{prefix}{k}{_SEP}", arrays) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, f"{prefix}{i}{_SEP}", arrays) for i, v in enumerate(obj)]
+    if hasattr(obj, "shape") and hasattr(obj, "dtype") and not isinstance(obj, np.generic):
+        key = prefix.rstrip(_SEP)
+        arrays[key] = backend.to_numpy(obj)
+        return {"__array__": key}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _join(obj, arrays):
+    if isinstance(obj, dict):
+        if set(obj) == {"__array__"}:
+            return arrays[obj["__array__"]]
+        return {k: _join(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, arrays) for v in obj]
+    return obj
+
+
+def save_checkpoint(path, obj):
+    """Write ``obj`` (nested dicts/lists of arrays and JSON values) to ``path`` atomically."""
+    arrays = {}
+    meta = _split(obj, "", arrays)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # make the rename itself durable
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by ``save_checkpoint``; arrays come back as NumPy arrays."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one first (npgpt train --out_dir ...)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable npgpt checkpoint (truncated or corrupt?): {e}") from e
+    if "__meta__" not in arrays:
+        raise CheckpointError(f"{path} is an .npz file but not an npgpt checkpoint (no __meta__ entry)")
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    return _join(meta, arrays)

@@ -1,0 +1,188 @@
+"""``npgpt train``, ``npgpt sample`` and ``npgpt plot``: the main job and its two companions."""
+import json
+import os
+import sys
+
+HELP_TRAIN = """Train a GPT. With no arguments: a small character-level GPT on the bundled Shakespeare
+(the data is prepared on first use), a progress bar, a checkpoint in out-shakespeare-char/, the
+validation loss and a sample. Every knob is --key=value with nanoGPT's names, e.g.
+  npgpt train --n_layer=6 --n_embd=384 --block_size=256 --max_iters=2000
+  npgpt train --data DIR --out_dir DIR --init_from=resume
+  npgpt train --config my.toml            (JSON or TOML of the same keys; --key=value overrides it)
+Keys: {keys}"""
+
+
+def register(sub):
+    from ..train import TrainConfig
+    keys = " ".join(TrainConfig.field_types())
+    p = sub.add_parser("train", help="train a GPT (default: char-level Shakespeare on the CPU)",
+                       description=HELP_TRAIN.format(keys=keys), formatter_class=_Raw)
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of training keys")
+    p.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
+    p.set_defaults(func=run_train, accepts_overrides=True)
+
+    s = sub.add_parser("sample", help="sample text from a trained checkpoint")
+    s.add_argument("--out_dir", default="out-shakespeare-char", help="directory holding ckpt.npz")
+    s.add_argument("--start", default="\n", help="prompt text (or FILE:path to read it from a file)")
+    s.add_argument("--num_samples", type=int, default=1)
+    s.add_argument("--max_new_tokens", type=int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top_k", type=int, default=200)
+    s.add_argument("--top_p", type=float, default=None)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    s.set_defaults(func=run_sample)
+
+    pl = sub.add_parser("plot", help="plot the loss curves of a run to a PNG (needs matplotlib)")
+    pl.add_argument("--out_dir", default="out-shakespeare-char", help="directory holding log.jsonl")
+    pl.add_argument("--out", default=None, help="PNG path (default OUT_DIR/loss.png)")
+    pl.set_defaults(func=run_plot)
+
+
+class _Raw(__import__("argparse").RawDescriptionHelpFormatter):
+    pass
+
+
+def parse_overrides(tokens):
+    """['--k=v', '--k', 'v', ...] -> {k: v as text}; raises ValueError on anything else."""
+    out, i = {}, 0
+    while i < len(tokens):
+        t = tokens[i]
+        if not t.startswith("--") or t == "--":
+            raise ValueError(f"unexpected argument {t!r}: use --key=value")
+        if "=" in t:
+            k, v = t[2:].split("=", 1)
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            k, v = t[2:], tokens[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"{t} needs a value: use {t}=VALUE")
+        out[k.replace("-", "_")] = v
+        i += 1
+    return out
+
+
+def _convert(key, value, typ):
+    if isinstance(value, str):
+        if typ in (bool, "bool"):
+            low = value.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--{key} expects true/false, got {value!r}")
+            return low in ("true", "1", "yes")
+        conv = {int: int, "int": int, float: float, "float": float}.get(typ, str)
+        try:
+            return conv(value)
+        except ValueError:
+            raise ValueError(f"--{key} expects {getattr(conv, '__name__', conv)}, got {value!r}") from None
+    return value
+
+
+def build_config(overrides, config_file=None):
+    """A TrainConfig from an optional JSON/TOML file and --key=value overrides (one clear error)."""
+    from ..train import TrainConfig
+    types = TrainConfig.field_types()
+    values = {}
+    if config_file:
+        if not os.path.exists(config_file):
+            raise ValueError(f"config file {config_file} not found")
+        with open(config_file, "rb") as f:
+            if config_file.endswith(".toml"):
+                try:
+                    import tomllib
+                except ImportError:
+                    raise ValueError("TOML configs need Python >= 3.11; use JSON") from None
+                values.update(tomllib.load(f))
+            else:
+                values.update(json.loads(f.read().decode()))
+    values.update(overrides)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known keys: {' '.join(types)}")
+    return TrainConfig(**{k: _convert(k, v, types[k]) for k, v in values.items()})
+
+
+def run_train(args):
+    from ..train import train
+    try:
+        cfg = build_config(parse_overrides(args.overrides), args.config)
+    except ValueError as e:
+        print(f"npgpt train: error: {e}", file=sys.stderr)
+        return 2
+    result = train(cfg)
+    print(f"done: {result['iter']} iterations in {result['seconds']:.0f} s; val loss {result['val_loss']:.4f}; "
+          f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.npz')}")
+    if not args.no_sample:
+        print("sample:")
+        _print_samples(cfg.out_dir, "\n", 1, 300, 0.8, 200, None, cfg.seed, True)
+    return 0
+
+
+def _print_samples(out_dir, start, num_samples, max_new_tokens, temperature, top_k, top_p, seed, cache):
+    import numpy as np
+    from ..tokenizer import load_tokenizer_from_meta
+    from ..train import load_model
+    model, ckpt = load_model(out_dir)
+    tok = load_tokenizer_from_meta(ckpt["meta"])
+    ids = tok.encode(start)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give a non-empty --start")
+    for i in range(num_samples):
+        out = model.generate(np.asarray(ids)[None, :], max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed + i, eos_token=getattr(tok, "eot_token", None),
+                             use_cache=cache)
+        print(tok.decode([int(t) for t in np.asarray(out[0].get() if hasattr(out, "get") else out[0])]))
+        if num_samples > 1:
+            print("-" * 40)
+
+
+def run_sample(args):
+    from .. import backend
+    from ..checkpoint import CheckpointError
+    if args.device == "cuda":
+        backend.use("cupy")
+    start = args.start
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    try:
+        _print_samples(args.out_dir, start, args.num_samples, args.max_new_tokens, args.temperature,
+                       args.top_k, args.top_p, args.seed, not args.no_cache)
+    except (CheckpointError, ValueError) as e:
+        print(f"npgpt sample: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_plot(args):
+    path = os.path.join(args.out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        print(f"npgpt plot: error: {path} not found; train first (npgpt train --out_dir {args.out_dir})",
+              file=sys.stderr)
+        return 2
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('npgpt plot: error: needs matplotlib: pip install -e ".[plot]"', file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    train = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train (batch)")
+    if evals:
+        it, tr, va = zip(*evals)
+        ax.plot(it, tr, "o-", label="train (eval)")
+        ax.plot(it, va, "o-", label="val (eval)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = args.out or os.path.join(args.out_dir, "loss.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return 0
