@@ -1,0 +1,108 @@
+"""Training-step time and peak memory: npgpt vs PyTorch eager, same architecture, same AdamW, float32,
+same thread count, side by side in one run.
+
+    python benchmarks/bench_train.py [--configs baby small] [--steps 20] [--threads 2]
+
+Prints the median step time (forward + backward + clip + AdamW) of each and the ratio npgpt/torch.
+Peak memory is the process's max RSS growth measured in a fresh subprocess per framework.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CONFIGS = {
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=65),
+}
+
+
+def run_one(framework, name, steps, threads):
+    """Time `steps` training steps in this process; returns a dict of results."""
+    import resource
+    import numpy as np
+    c = dict(CONFIGS[name])
+    B = c.pop("batch_size")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, c["vocab_size"], (B, c["block_size"]))
+    y = rng.integers(0, c["vocab_size"], (B, c["block_size"]))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    if framework == "npgpt":
+        import npgpt
+        from npgpt.optim import clip_grad_norm
+        model = npgpt.GPT(npgpt.GPTConfig(**c))
+        opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95))
+        for _ in range(steps + 3):
+            t = time.perf_counter()
+            _, loss = model(x, y)
+            loss.backward()
+            clip_grad_norm(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            loss.item()
+            times.append(time.perf_counter() - t)
+    else:
+        import torch
+        torch.set_num_threads(threads)
+        sys.path.insert(0, os.path.dirname(__file__))
+        from torch_gpt import TorchGPT
+        model = TorchGPT(npgpt_config(c))
+        opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95))
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        for _ in range(steps + 3):
+            t = time.perf_counter()
+            _, loss = model(xt, yt)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+            times.append(time.perf_counter() - t)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"median_ms": 1000 * float(np.median(times[3:])), "peak_mb": (rss1 - rss0) / 1024}
+
+
+def npgpt_config(c):
+    from types import SimpleNamespace
+    return SimpleNamespace(bias=True, dropout=0.0, **c)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child[0], args.child[1], args.steps, args.threads)))
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads))
+    try:
+        import torch  # noqa: F401
+        frameworks = ["npgpt", "torch"]
+    except ImportError:
+        frameworks = ["npgpt"]
+        print("(torch not installed: npgpt only)")
+    print(f"{'config':8s} {'framework':9s} {'step ms (median)':>17s} {'peak MB':>9s}")
+    for name in args.configs:
+        res = {}
+        for fw in frameworks:
+            out = subprocess.run([sys.executable, __file__, "--child", fw, name, "--steps", str(args.steps),
+                                  "--threads", str(args.threads)], env=env, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr)
+                raise SystemExit(1)
+            res[fw] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{name:8s} {fw:9s} {res[fw]['median_ms']:17.1f} {res[fw]['peak_mb']:9.0f}")
+        if "torch" in res:
+            print(f"{name:8s} ratio npgpt/torch: step {res['npgpt']['median_ms'] / res['torch']['median_ms']:.2f}x, "
+                  f"memory {res['npgpt']['peak_mb'] / max(res['torch']['peak_mb'], 1):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
