@@ -19,7 +19,7 @@ CONFIGS = {
 }
 
 
-def run_one(framework, name, steps, threads):
+def run_one(framework, name, steps, threads, device="cpu"):
     """Time `steps` training steps in this process; returns a dict of results."""
     import resource
     import numpy as np
@@ -33,6 +33,8 @@ def run_one(framework, name, steps, threads):
     if framework == "npgpt":
         import npgpt
         from npgpt.optim import clip_grad_norm
+        if device == "cuda":
+            npgpt.backend.use("cupy")
         model = npgpt.GPT(npgpt.GPTConfig(**c))
         opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95))
         for _ in range(steps + 3):
@@ -49,9 +51,11 @@ def run_one(framework, name, steps, threads):
         torch.set_num_threads(threads)
         sys.path.insert(0, os.path.dirname(__file__))
         from torch_gpt import TorchGPT
-        model = TorchGPT(npgpt_config(c))
+        dev = torch.device(device)
+        torch.set_default_device(dev)
+        model = TorchGPT(npgpt_config(c)).to(dev)
         opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95))
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        xt, yt = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
         for _ in range(steps + 3):
             t = time.perf_counter()
             _, loss = model(xt, yt)
@@ -75,10 +79,12 @@ def main():
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: npgpt on CuPy vs PyTorch on the GPU")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child[0], args.child[1], args.steps, args.threads)))
+        print(json.dumps(run_one(args.child[0], args.child[1], args.steps, args.threads, args.device)))
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
@@ -88,12 +94,13 @@ def main():
     except ImportError:
         frameworks = ["npgpt"]
         print("(torch not installed: npgpt only)")
+    print(f"device {args.device}, {args.threads} CPU threads, float32, {args.steps} timed steps")
     print(f"{'config':8s} {'framework':9s} {'step ms (median)':>17s} {'peak MB':>9s}")
     for name in args.configs:
         res = {}
         for fw in frameworks:
             out = subprocess.run([sys.executable, __file__, "--child", fw, name, "--steps", str(args.steps),
-                                  "--threads", str(args.threads)], env=env, capture_output=True, text=True)
+                                  "--threads", str(args.threads), "--device", args.device], env=env, capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr)
                 raise SystemExit(1)

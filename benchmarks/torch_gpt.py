@@ -62,7 +62,7 @@ class TorchGPT(nn.Module):
 
     def forward(self, idx, targets=None):
         T = idx.shape[1]
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T))
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device))
         for b in self.transformer.h:
             x = b(x)
         logits = self.transformer.ln_f(x) @ self.transformer.wte.weight.T

@@ -87,19 +87,26 @@ def get_xp():
     return xp
 
 
+def _unwrap(x):
+    """The array inside a Tensor (duck-typed: backend does not import the engine); arrays pass through.
+    (A CuPy array also has a ``.data`` attribute, its memory pointer, hence the explicit check.)"""
+    if isinstance(x, np.ndarray) or (_cupy is not None and isinstance(x, _cupy.ndarray)):
+        return x
+    return x.data if hasattr(x, "requires_grad") else x
+
+
 def get_array_module(*arrays):
     """The array module (numpy or cupy) that owns the given arrays (or Tensors); numpy for scalars."""
     if _cupy is not None:
         for a in arrays:
-            a = getattr(a, "data", a) if not isinstance(a, np.ndarray) else a
-            if isinstance(a, _cupy.ndarray):
+            if isinstance(_unwrap(a), _cupy.ndarray):
                 return _cupy
     return np
 
 
 def to_numpy(x):
     """A NumPy copy/view of an array or Tensor on any backend (device arrays are copied to host)."""
-    x = getattr(x, "data", x) if not isinstance(x, np.ndarray) else x
+    x = _unwrap(x)
     if _cupy is not None and isinstance(x, _cupy.ndarray):
         return _cupy.asnumpy(x)
     return np.asarray(x)

@@ -48,16 +48,18 @@ def _is_advanced(idx):
 def getitem(x, idx):
     """x[idx] with basic (slices, ints, None, ...) or advanced (integer/boolean arrays) indexing.
     The gradient is scattered back into zeros; repeated indices accumulate (scatter-add)."""
-    if isinstance(idx, Tensor):
-        idx = idx.data
-    elif isinstance(idx, tuple):
-        idx = tuple(i.data if isinstance(i, Tensor) else i for i in idx)
-    if isinstance(idx, list):
-        idx = as_array(idx)
+    xp = get_array_module(x.data)
+
+    def on_device(i):  # index arrays must live where the data lives
+        if isinstance(i, Tensor):
+            i = i.data
+        if isinstance(i, list) or (isinstance(i, np.ndarray) and xp is not np):
+            i = xp.asarray(i)
+        return i
+    idx = tuple(on_device(i) for i in idx) if isinstance(idx, tuple) else on_device(idx)
     advanced = _is_advanced(idx)
 
     def backward(dout):
-        xp = get_array_module(dout)
         g = xp.zeros(x.shape, dtype=x.dtype)
         if advanced:
             backend.scatter_add(g, idx, dout)
