@@ -16,3 +16,8 @@ __version__ = "0.1.0"
 __all__ = ["backend", "use", "get_array_module", "to_numpy", "seed", "Tensor", "no_grad", "enable_grad",
            "is_grad_enabled", "ops", "concatenate", "stack", "split", "where", "masked_fill", "exp", "log",
            "tanh", "sqrt", "relu", "sum_to_shape", "gradcheck", "GradcheckError"]
+from . import functional
+from .model import GPT, GPTConfig
+from .nn import Module, Parameter
+
+__all__ += ["functional", "GPT", "GPTConfig", "Module", "Parameter"]
