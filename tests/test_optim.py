@@ -117,6 +117,25 @@ def test_adamw_matches_torch(xp):
         assert p.dtype == np.float32 and s["exp_avg"].dtype == np.float32 and s["exp_avg_sq"].dtype == np.float32
 
 
+def test_adamw_fused_kernel_matches_ufuncs(xp):
+    if xp is np:
+        pytest.skip("the fused AdamW kernel is CuPy's; NumPy always runs the ufunc path")
+    pa, pb = make_params(xp), make_params(xp)
+    oa = AdamW(pa, lr=1e-2, weight_decay=0.1)                 # fused (the default on CuPy)
+    ob = AdamW(pb, lr=1e-2, weight_decay=0.1, fused=False)
+    for grads in make_grads(SHAPES, 10):
+        set_grads(pa, grads)
+        set_grads(pb, grads)
+        oa.step()
+        ob.step()
+    for a, b in zip(pa, pb):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(to_numpy(a.data), to_numpy(b.data), rtol=1e-6, atol=1e-7)
+        for k in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_allclose(to_numpy(oa.state[id(a)][k]), to_numpy(ob.state[id(b)][k]),
+                                       rtol=1e-6, atol=1e-9)
+
+
 def test_adamw_weight_decay_is_decoupled(xp):
     # a zero gradient leaves the moments at 0, so each step only multiplies p by exactly (1 - lr*wd)
     p = Tensor(np.array([1.5, -2.0, 3.25], np.float32), requires_grad=True)
