@@ -11,6 +11,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "npgpt.commands.train_cmd",
     "npgpt.commands.gradcheck_cmd",
+    "npgpt.commands.finetune_cmd",
 ]
 
 

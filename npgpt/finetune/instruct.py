@@ -1,0 +1,209 @@
+"""Instruction fine-tuning (Alpaca format; Taori et al. 2023) with the loss on the response only.
+
+Each example ``{"instruction", "input", "output"}`` becomes
+
+    prompt   = Alpaca template with the instruction (and the input, when there is one)
+    sequence = prompt + output + END
+
+and the model is trained on next-token prediction over ``sequence`` with every target inside the
+prompt, and every padding position, set to -100 (``cross_entropy``'s ignore_index): the model is
+graded only on writing the response and its end. END is the tokenizer's ``eot_token``
+(``<|endoftext|>`` for GPT-2 BPE) when it has one; a character tokenizer has no spare symbol, so
+END is the text ``"\\n\\n"`` (``CHAR_END``), which never occurs inside the bundled responses
+(single lines); generation stops when it appears.
+
+Batches are right-padded to the longest sequence in the batch (dynamic padding).
+"""
+import json
+import os
+import time
+
+import numpy as np
+
+from .. import backend
+from .. import functional as F
+from ..engine import no_grad
+from ..optim import AdamW, clip_grad_norm
+
+__all__ = ["PROMPT_WITH_INPUT", "PROMPT_NO_INPUT", "CHAR_END", "IGNORE_INDEX", "format_prompt",
+           "end_ids", "encode_instruction", "collate", "fit_examples", "load_instructions", "InstructConfig",
+           "train_instruct", "evaluate_instruct", "generate_response"]
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+CHAR_END = "\n\n"
+IGNORE_INDEX = -100
+
+
+def format_prompt(ex):
+    """The Alpaca prompt of one example (the input section only when ``input`` is non-empty)."""
+    if ex.get("input"):
+        return PROMPT_WITH_INPUT.format(instruction=ex["instruction"], input=ex["input"])
+    return PROMPT_NO_INPUT.format(instruction=ex["instruction"])
+
+
+def end_ids(tok):
+    """Token ids that end a response: [eot_token] if the tokenizer has one, else encode(CHAR_END)."""
+    eot = getattr(tok, "eot_token", None)
+    return [int(eot)] if eot is not None else list(tok.encode(CHAR_END))
+
+
+def encode_instruction(ex, tok):
+    """(x, y) token lists of one example: x = seq[:-1], y = seq[1:] with the prompt's targets -100.
+
+    seq = prompt + output + END. Target y[i] predicts seq[i + 1]; it belongs to the response when
+    i + 1 >= len(prompt), so y[:len(prompt) - 1] is masked.
+    """
+    p = list(tok.encode(format_prompt(ex)))
+    r = list(tok.encode(ex["output"])) + end_ids(tok)
+    seq = p + r
+    y = seq[1:]
+    y[:len(p) - 1] = [IGNORE_INDEX] * (len(p) - 1)
+    return seq[:-1], y
+
+
+def collate(pairs, pad_id=0):
+    """Right-pad (x, y) pairs to the longest: x with ``pad_id``, y with -100. -> x, y (B, T) int64."""
+    if not pairs:
+        raise ValueError("collate needs at least one example")
+    T = max(len(x) for x, _ in pairs)
+    X = np.full((len(pairs), T), pad_id, dtype=np.int64)                 # (B, T)
+    Y = np.full((len(pairs), T), IGNORE_INDEX, dtype=np.int64)           # (B, T)
+    for i, (x, y) in enumerate(pairs):
+        X[i, :len(x)] = x
+        Y[i, :len(y)] = y
+    return X, Y
+
+
+def load_instructions(path):
+    """Examples from an Alpaca JSON file (a list of objects) or JSONL (one object a line); each needs
+    ``instruction`` and ``output`` (``input`` may be missing or empty)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found; give an Alpaca-style JSON or JSONL file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON/JSONL ({e}); give a list of "
+                         f"{{instruction, input, output}} objects or one object per line") from None
+    for i, ex in enumerate(data):
+        if not isinstance(ex, dict) or "instruction" not in ex or "output" not in ex:
+            raise ValueError(f"{path}: example {i + 1} needs 'instruction' and 'output' keys")
+        ex.setdefault("input", "")
+    if not data:
+        raise ValueError(f"{path} holds no examples")
+    return data
+
+
+def fit_examples(examples, tok, block_size):
+    """(encoded pairs, kept examples): examples whose sequence fits ``block_size`` tokens."""
+    pairs, kept = [], []
+    for ex in examples:
+        x, y = encode_instruction(ex, tok)
+        if len(x) <= block_size:
+            pairs.append((x, y))
+            kept.append(ex)
+    return pairs, kept
+
+
+class InstructConfig:
+    """Fine-tuning knobs (keyword arguments; see the defaults)."""
+
+    def __init__(self, max_iters=300, batch_size=8, learning_rate=1e-3, weight_decay=0.0, grad_clip=1.0,
+                 warmup_iters=20, seed=0):
+        if max_iters < 0 or batch_size < 1 or learning_rate <= 0:
+            raise ValueError("max_iters must be >= 0, batch_size >= 1 and learning_rate > 0")
+        self.max_iters, self.batch_size, self.learning_rate = max_iters, batch_size, learning_rate
+        self.weight_decay, self.grad_clip, self.warmup_iters, self.seed = weight_decay, grad_clip, warmup_iters, seed
+
+
+def train_instruct(model, pairs, cfg, pad_id=0, log=print):
+    """Fine-tune a GPT on encoded (x, y) pairs with the masked loss; only parameters that require
+    gradients train (so it works after ``apply_lora``). Returns {"losses", "step_time"}."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay, rest = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
+    opt = AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99))
+    rng = np.random.default_rng(cfg.seed)
+    backend.seed(cfg.seed)
+    order, pos, losses, times = rng.permutation(len(pairs)), 0, [], []
+    model.train()
+    for it in range(cfg.max_iters):
+        if pos + cfg.batch_size > len(order):
+            order, pos = rng.permutation(len(pairs)), 0
+        batch = [pairs[i] for i in order[pos:pos + cfg.batch_size]]
+        pos += cfg.batch_size
+        t0 = time.perf_counter()
+        x, y = collate(batch, pad_id)
+        opt.set_lr(cfg.learning_rate * min(1.0, (it + 1) / max(1, cfg.warmup_iters)))
+        _, loss = model(x, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            clip_grad_norm(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss.item()))
+        if log and (it + 1) % max(1, cfg.max_iters // 5) == 0:
+            log(f"  iter {it + 1}/{cfg.max_iters}: loss {np.mean(losses[-20:]):.4f}")
+    model.eval()
+    return {"losses": losses, "step_time": float(np.median(times)) if times else 0.0}
+
+
+@no_grad()
+def generate_response(model, tok, ex, max_new_tokens=64):
+    """Greedy continuation of the example's prompt until END (or ``max_new_tokens``), decoded."""
+    end = end_ids(tok)
+    prompt = list(tok.encode(format_prompt(ex)))
+    room = model.config.block_size - len(prompt)
+    if room < 1:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, no room within block_size {model.config.block_size}")
+    out = []
+    for ids in model.generate_stream(np.asarray(prompt)[None, :], min(max_new_tokens, room), temperature=0):
+        out.append(int(backend.to_numpy(ids)[0]))
+        if out[-len(end):] == end:
+            out = out[:-len(end)]
+            break
+    return tok.decode(out)
+
+
+@no_grad()
+def evaluate_instruct(model, examples, tok, batch_size=16, max_new_tokens=64, generate=True):
+    """Scores on held-out examples: exact match of the greedy response (after stripping spaces),
+    and the mean log-likelihood per reference token (response + END) under teacher forcing.
+    Returns {"exact_match", "loglik_per_token", "by_task": {...}, "n"}."""
+    model.eval()
+    pairs = [encode_instruction(ex, tok) for ex in examples]
+    nll = np.zeros(len(pairs))
+    ntok = np.zeros(len(pairs))
+    for i in range(0, len(pairs), batch_size):
+        x, y = collate(pairs[i:i + batch_size])
+        logits, _ = model(x)
+        L = backend.to_numpy(logits.data).astype(np.float64)                 # (B, T, V)
+        L = L - L.max(-1, keepdims=True)
+        logp = L - np.log(np.exp(L).sum(-1, keepdims=True))
+        keep = y != IGNORE_INDEX
+        tok_lp = np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0] * keep
+        nll[i:i + len(x)] = -tok_lp.sum(1)
+        ntok[i:i + len(x)] = keep.sum(1)
+    exact = np.zeros(len(examples), dtype=bool)
+    if generate:
+        for j, ex in enumerate(examples):
+            exact[j] = generate_response(model, tok, ex, max_new_tokens).strip() == ex["output"].strip()
+    tasks = sorted({ex.get("task", "all") for ex in examples})
+    by_task = {}
+    for t in tasks:
+        m = np.array([ex.get("task", "all") == t for ex in examples])
+        by_task[t] = {"n": int(m.sum()), "exact_match": float(exact[m].mean()) if generate else None,
+                      "loglik_per_token": float(-nll[m].sum() / ntok[m].sum())}
+    return {"n": len(examples), "exact_match": float(exact.mean()) if generate else None,
+            "loglik_per_token": float(-nll.sum() / max(ntok.sum(), 1)), "by_task": by_task}
