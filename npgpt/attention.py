@@ -57,7 +57,7 @@ def scaled_dot_product_attention(q, k, v, is_causal=True, attn_mask=None, dropou
         if Tq > 1:                                           # one query sees every key
             S += causal_bias(Tq, Tk, S.dtype, xp)
     if attn_mask is not None:
-        m = backend.to_device(getattr(attn_mask, "data", attn_mask))
+        m = backend.to_device(attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask)
         if m.dtype == bool:
             S = xp.where(m, S, xp.asarray(-np.inf, dtype=S.dtype))
         else:

@@ -55,7 +55,7 @@ def embedding(ids, weight):
     ``np.add.reduceat`` is 0.9 ms there and no slower at V=50257 (where zeroing dW dominates), so
     NumPy uses that at every size (see benchmarks/bench_layers.py); CuPy uses its atomic scatter-add.
     """
-    ids = backend.to_device(getattr(ids, "data", ids))
+    ids = backend.to_device(ids.data if isinstance(ids, Tensor) else ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
     out = weight.data[ids]                                  # (B, T, C)
@@ -269,7 +269,7 @@ def cross_entropy(logits, targets, ignore_index=-100):
     xp = get_array_module(logits.data)
     V = logits.shape[-1]
     X = logits.data.reshape(-1, V)                          # (N, V)
-    t = backend.to_device(getattr(targets, "data", targets)).reshape(-1)  # (N,)
+    t = backend.to_device(targets.data if isinstance(targets, Tensor) else targets).reshape(-1)  # (N,)
     if t.shape[0] != X.shape[0]:
         raise ValueError(f"targets have {t.shape[0]} positions but logits {X.shape[0]} (shape {logits.shape})")
     keep = t != ignore_index                                # (N,)
