@@ -42,11 +42,11 @@ class TrainConfig:
     # optimization
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
-    max_iters: int = 6000
+    max_iters: int = 5000
     learning_rate: float = 2e-3
     decay_lr: bool = True
     warmup_iters: int = 100
-    lr_decay_iters: int = 6000
+    lr_decay_iters: int = 5000
     min_lr: float = 2e-4
     weight_decay: float = 0.1
     beta1: float = 0.9
