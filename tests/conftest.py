@@ -1,4 +1,6 @@
 """Shared fixtures: the ``xp`` fixture runs a test on NumPy, and on CuPy when a GPU is present."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
@@ -9,7 +11,10 @@ settings.register_profile("npgpt", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.register_profile("thorough", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-settings.load_profile("npgpt")
+settings.register_profile("quick", max_examples=5, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# NPGPT_HYPOTHESIS_PROFILE=quick for short device runs, =thorough for a deep local run
+settings.load_profile(os.environ.get("NPGPT_HYPOTHESIS_PROFILE", "npgpt"))
 
 _BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.cupy)]
 
