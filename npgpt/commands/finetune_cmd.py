@@ -4,7 +4,8 @@ import os
 import sys
 
 HELP_CLASSIFY = """Fine-tune a GPT as a text classifier (a class head on the last token's hidden state).
-With no --data: genre (comedy/tragedy/history/poem) of 100-250-token passages of the bundled works,
+With no --data: genre (comedy/tragedy/history/poem) of 100-250-token passages of the bundled works
+(shorter when the model's context is shorter),
 split by work (no work on both sides) or by passage. Examples:
   npgpt finetune-classify --init_from out-shakespeare-char --split work
   npgpt finetune-classify --init_from scratch --n_layer 2 --n_embd 64 --max_iters 100
@@ -47,7 +48,8 @@ def register(sub):
     c.add_argument("--split", choices=["work", "passage"], default="work",
                    help="bundled task: hold out whole works or random passages (user data: random rows)")
     c.add_argument("--test_frac", type=float, default=0.2)
-    c.add_argument("--min_tokens", type=int, default=100)
+    c.add_argument("--min_tokens", type=int, default=None,
+                   help="bundled task: shortest passage (default 100, or half the context when that is shorter)")
     c.add_argument("--max_tokens", type=int, default=250)
     c.add_argument("--per_work", type=int, default=40, help="bundled task: passages per work at most")
     c.add_argument("--block_size", type=int, default=256, help="scratch model context (and max text length)")
@@ -116,6 +118,8 @@ def _classify(args):
                                 seed=args.seed)
     max_len = gpt.config.block_size
     if not args.data:
+        if args.min_tokens is None:
+            args.min_tokens = min(100, min(args.max_tokens, max_len) // 2)
         if args.min_tokens > min(args.max_tokens, max_len):
             raise ValueError(f"--min_tokens {args.min_tokens} exceeds the longest usable passage "
                              f"({min(args.max_tokens, max_len)} tokens)")
