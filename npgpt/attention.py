@@ -19,6 +19,7 @@ import numpy as np
 from . import backend
 from .backend import get_array_module
 from .engine import Tensor
+from .functional import _run_chunked, _softmax_backward_rows, softmax_array
 from .ops import sum_to_shape
 
 __all__ = ["scaled_dot_product_attention", "causal_bias"]
@@ -62,16 +63,7 @@ def scaled_dot_product_attention(q, k, v, is_causal=True, attn_mask=None, dropou
             S = xp.where(m, S, xp.asarray(-np.inf, dtype=S.dtype))
         else:
             S += m.astype(S.dtype, copy=False)
-    mx = S.max(axis=-1, keepdims=True)                       # (B, NH, Tq, 1)
-    if attn_mask is not None:                                # rows with every key masked: max -inf
-        mx[~xp.isfinite(mx)] = 0
-    P = S
-    P -= mx
-    xp.exp(P, out=P)
-    denom = P.sum(axis=-1, keepdims=True)                    # (B, NH, Tq, 1)
-    if attn_mask is not None:
-        denom[denom == 0] = 1
-    P /= denom                                               # (B, NH, Tq, Tk)
+    P = softmax_array(S, guard=attn_mask is not None)        # (B, NH, Tq, Tk), in place
     if dropout_p > 0.0:
         if not dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -91,8 +83,9 @@ def scaled_dot_product_attention(q, k, v, is_causal=True, attn_mask=None, dropou
         dS = dout @ Vv.swapaxes(-1, -2)                      # (B, NH, Tq, Tk) dP
         if drop is not None:
             dS *= drop
-        dS -= (dout * out).sum(axis=-1, keepdims=True)       # dP - sum(dP * P) (see module doc)
-        dS *= P                                              # (B, NH, Tq, Tk) dL/dS
+        dot = (dout * out).sum(axis=-1, keepdims=True)       # (B, NH, Tq, 1) sum(dP * P), see module doc
+        rows = (a.reshape(-1, a.shape[-1]) for a in (dS, P, dot))  # views: all three are contiguous
+        _run_chunked(_softmax_backward_rows, *rows)          # dS = P * (dP - sum(dP * P)), in place
         if q.requires_grad:
             dq = dS @ K                                      # (B, NH, Tq, hs)
             dq *= scale

@@ -50,10 +50,12 @@ def embedding(ids, weight):
 
     out is linear in W with d out[n] / d W[v] = [ids[n] == v], so
         dW[v] = sum of dout[n] over the positions n where ids[n] == v
-    a scatter-add in which repeated ids accumulate. ``np.add.at`` does it element by element
-    (6.7 ms for 2048 rows of 384 at V=65); sorting the ids and summing each run of equal ids with
-    ``np.add.reduceat`` is 0.9 ms there and no slower at V=50257 (where zeroing dW dominates), so
-    NumPy uses that at every size (see benchmarks/bench_layers.py); CuPy uses its atomic scatter-add.
+    a scatter-add in which repeated ids accumulate. Measured for 2048 rows of width 384 on 2 cores
+    (benchmarks/bench_layers.py): ``np.add.at`` 6.2 ms at V=65 and 15.3 ms at V=50257; sorting the ids
+    and summing each run of equal ids with ``np.add.reduceat`` 1.45 ms and 14.4 ms (zeroing the
+    77 MB dW dominates there); a one-hot (V, N) @ dout (N, C) GEMM 0.59 ms at V=65 but 313 ms at
+    V=50257. So NumPy uses the one-hot GEMM up to V = 128 and sort + reduceat above; CuPy uses its
+    atomic scatter-add.
     """
     ids = backend.to_device(ids.data if isinstance(ids, Tensor) else ids)
     if ids.dtype.kind not in "iu":
@@ -67,12 +69,24 @@ def embedding(ids, weight):
     return Tensor.from_op(out, (weight,), backward, "embedding")
 
 
+_ONE_HOT_MAX_V = 128
+
+
 def _embedding_grad(ids, dout, V):
     """dW (V, C) with dW[v] = sum of dout[n] where ids[n] == v.  ids (N,), dout (N, C)."""
     xp = get_array_module(dout)
     if xp is not np:
         return backend.scatter_add(xp.zeros((V, dout.shape[1]), dout.dtype), ids, dout)
+    if V <= _ONE_HOT_MAX_V:
+        return _embedding_grad_one_hot(ids, dout, V)
     return _embedding_grad_sorted(ids, dout, V)
+
+
+def _embedding_grad_one_hot(ids, dout, V):
+    """dW = onehot(ids)^T dout as one GEMM (V, N) @ (N, C): cheap while V is small."""
+    onehot = np.zeros((V, ids.shape[0]), dout.dtype)        # (V, N)
+    onehot[ids, np.arange(ids.shape[0])] = 1
+    return onehot @ dout                                    # (V, C)
 
 
 def _embedding_grad_sorted(ids, dout, V):
@@ -92,18 +106,12 @@ def _embedding_grad_methods():
         np.add.at(dweight, ids, dout)
         return dweight
 
-    def one_hot_matmul(ids, dout, V):
-        onehot = np.zeros((V, ids.shape[0]), dout.dtype)    # (V, N)
-        onehot[ids, np.arange(ids.shape[0])] = 1
-        return onehot @ dout
-
     def bincount_per_column(ids, dout, V):
         cols = [np.bincount(ids, weights=dout[:, c], minlength=V) for c in range(dout.shape[1])]
         return np.stack(cols, axis=1).astype(dout.dtype)
 
-    methods = {"np.add.at": add_at, "sort + np.add.reduceat": _embedding_grad_sorted,
-               "bincount per column": bincount_per_column}
-    return {**methods, "one-hot matmul": one_hot_matmul}
+    return {"np.add.at": add_at, "sort + np.add.reduceat": _embedding_grad_sorted,
+            "bincount per column": bincount_per_column, "one-hot matmul": _embedding_grad_one_hot}
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
@@ -113,49 +121,65 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     With g = dout * w (the gradient reaching x̂) and C the row length, differentiating through
     μ and σ (dμ/dx_j = 1/C, dσ/dx_j = x̂_j / (C σ)) gives
         dinp = (g - mean(g) - x̂ mean(g x̂)) / σ,   dweight = sum(dout x̂),   dbias = sum(dout)
-    with the means over the row and the sums over every axis but the last.
+    with the means over the row and the sums over every axis but the last. Rows are independent,
+    so large inputs are normalized in row blocks over the thread pool (see _run_chunked).
     """
     xp = get_array_module(x.data)
-    X = x.data
-    C = X.shape[-1]
-    mu = X.mean(axis=-1, keepdims=True)                     # (..., 1)
-    xhat = X - mu                                           # (..., C), centred for now
-    out = xhat * xhat                                       # (..., C), scratch: squared deviations
-    var = out.mean(axis=-1, keepdims=True)                  # (..., 1)
-    var += eps
-    rstd = xp.sqrt(var, out=var)
-    xp.divide(1.0, rstd, out=rstd)                          # (..., 1) 1/σ
-    xhat *= rstd                                            # (..., C) = x̂
-    if weight is not None:
-        xp.multiply(xhat, weight.data, out=out)
-    else:
-        out[...] = xhat
-    if bias is not None:
-        out += bias.data                                    # (..., C)
+    C = x.shape[-1]
+    X = x.data.reshape(-1, C)                               # (N, C)
+    w = None if weight is None else weight.data
+    b = None if bias is None else bias.data
+    out, xhat = xp.empty_like(X), xp.empty_like(X)          # (N, C)
+    rstd = xp.empty((X.shape[0], 1), X.dtype)               # (N, 1) 1/σ
+    _run_chunked(lambda X, out, xhat, rstd: _layer_norm_forward(X, w, b, eps, out, xhat, rstd),
+                 X, out, xhat, rstd)
 
     def backward(dout):
-        lead = tuple(range(dout.ndim - 1))
-        tmp = dout * xhat                                   # (..., C)
+        dout2 = dout.reshape(-1, C)                         # (N, C)
         if weight is not None and weight.requires_grad:
-            weight._accumulate(tmp.sum(axis=lead))          # (C,)
+            weight._accumulate((dout2 * xhat).sum(axis=0))  # (C,) dweight
         if bias is not None and bias.requires_grad:
-            bias._accumulate(dout.sum(axis=lead))           # (C,)
+            bias._accumulate(dout2.sum(axis=0))             # (C,) dbias
         if x.requires_grad:
-            if weight is not None:
-                g = dout * weight.data                      # (..., C)
-                xp.multiply(g, xhat, out=tmp)
-            else:
-                g = dout.copy()
-            gm = g.mean(axis=-1, keepdims=True)             # (..., 1)
-            gxm = tmp.sum(axis=-1, keepdims=True)
-            gxm *= 1.0 / C                                  # (..., 1) mean(g x̂)
-            g -= gm
-            xp.multiply(xhat, gxm, out=tmp)
-            g -= tmp
-            g *= rstd                                       # (..., C) dinp
-            x._accumulate(g)
+            dinp = xp.empty_like(xhat)                      # (N, C)
+            _run_chunked(lambda d, xh, r, di: _layer_norm_backward(d, xh, r, w, di),
+                         xp.ascontiguousarray(dout2), xhat, rstd, dinp)
+            x._accumulate(dinp.reshape(x.shape))
     parents = tuple(t for t in (x, weight, bias) if t is not None)
-    return Tensor.from_op(out, parents, backward, "layer_norm")
+    return Tensor.from_op(out.reshape(x.shape), parents, backward, "layer_norm")
+
+
+def _layer_norm_forward(X, w, b, eps, out, xhat, rstd):
+    """Rows of X (n, C) -> out = x̂ w + b, and x̂ and 1/σ for the backward, all written in place."""
+    xp = get_array_module(X)
+    xp.subtract(X, X.mean(axis=-1, keepdims=True), out=xhat)  # x - μ
+    xp.multiply(xhat, xhat, out=out)                        # scratch: squared deviations
+    xp.mean(out, axis=-1, keepdims=True, out=rstd)          # var
+    rstd += eps
+    xp.sqrt(rstd, out=rstd)
+    xp.divide(1.0, rstd, out=rstd)                          # 1/σ
+    xhat *= rstd                                            # x̂
+    if w is not None:
+        xp.multiply(xhat, w, out=out)
+    else:
+        out[...] = xhat
+    if b is not None:
+        out += b
+
+
+def _layer_norm_backward(dout, xhat, rstd, w, dinp):
+    """Rows: dinp = (g - mean(g) - x̂ mean(g x̂)) / σ with g = dout * w, written in place."""
+    xp = get_array_module(dout)
+    if w is not None:
+        xp.multiply(dout, w, out=dinp)                      # g
+    else:
+        dinp[...] = dout
+    tmp = dinp * xhat
+    gxm = tmp.mean(axis=-1, keepdims=True)                  # mean(g x̂)
+    dinp -= dinp.mean(axis=-1, keepdims=True)               # g - mean(g)
+    xp.multiply(xhat, gxm, out=tmp)
+    dinp -= tmp
+    dinp *= rstd
 
 
 _GELU_A = math.sqrt(2.0 / math.pi)  # Python floats: a NumPy float64 scalar would upcast float32
@@ -175,11 +199,12 @@ def gelu(x):
     X = xp.ascontiguousarray(x.data)
     out = xp.empty_like(X)                                  # (...) y
     s = xp.empty_like(X)                                    # (...) 1 + tanh u
-    _run_chunked(_gelu_forward, X, out, s)
+    _run_chunked(_gelu_forward, X.reshape(-1), out.reshape(-1), s.reshape(-1))
 
     def backward(dout):
         dinp = xp.empty_like(X)                             # (...)
-        _run_chunked(_gelu_backward, X, s, xp.ascontiguousarray(dout), dinp)
+        flat = (a.reshape(-1) for a in (X, s, xp.ascontiguousarray(dout), dinp))
+        _run_chunked(_gelu_backward, *flat)
         x._accumulate(dinp)
     return Tensor.from_op(out, (x,), backward, "gelu")
 
@@ -214,46 +239,71 @@ _CHUNK_MIN = 1 << 18  # elements: below this handing work to a thread costs more
 
 
 def _run_chunked(kernel, *arrays):
-    """kernel(*arrays) on contiguous same-size arrays; NumPy arrays of at least _CHUNK_MIN elements
-    are cut into one flat block per thread and the blocks run concurrently (the kernel must be
-    elementwise, so the result is bit-identical to one call)."""
+    """kernel(*arrays) for arrays that share their first axis, where the kernel treats each index
+    of that axis on its own (elementwise, or row by row) and writes its results in place.
+
+    NumPy ufuncs and reductions release the GIL, so large NumPy arrays (at least _CHUNK_MIN
+    elements) are cut into one block of that axis per thread and the blocks run concurrently;
+    every element or row is computed by the same code as in one call, so results are bit-identical.
+    """
     global _POOL
     n_threads = min(2, os.cpu_count() or 1)
-    n = arrays[0].size
-    if get_array_module(arrays[0]) is not np or n < _CHUNK_MIN or n_threads < 2:
+    n = arrays[0].shape[0]
+    if get_array_module(arrays[0]) is not np or arrays[0].size < _CHUNK_MIN or min(n_threads, n) < 2:
         kernel(*arrays)
         return
     if _POOL is None:
         _POOL = ThreadPoolExecutor(n_threads, thread_name_prefix="npgpt-elementwise")
-    flat = [a.reshape(-1) for a in arrays]                  # views (all contiguous)
     cuts = [n * i // n_threads for i in range(n_threads + 1)]
-    jobs = [_POOL.submit(kernel, *(f[lo:hi] for f in flat)) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    jobs = [_POOL.submit(kernel, *(a[lo:hi] for a in arrays)) for lo, hi in zip(cuts[:-1], cuts[1:])]
     for job in jobs:
         job.result()
 
 
-def _softmax_array(S, axis=-1):
-    """Numerically stable softmax of an array: exp(S - max) / sum (max subtracted per row)."""
+def _softmax_rows(S, guard=False):
+    """In place, each row of S (..., V) -> exp(S - max) / sum (max subtracted per row: no overflow).
+    guard: rows that are entirely -inf (every key masked) become 0 instead of NaN."""
     xp = get_array_module(S)
-    P = S - S.max(axis=axis, keepdims=True)
-    xp.exp(P, out=P)
-    P /= P.sum(axis=axis, keepdims=True)
-    return P
+    m = S.max(axis=-1, keepdims=True)
+    if guard:
+        m[~xp.isfinite(m)] = 0
+    S -= m
+    xp.exp(S, out=S)
+    z = S.sum(axis=-1, keepdims=True)
+    if guard:
+        z[z == 0] = 1
+    S /= z
+
+
+def softmax_array(S, guard=False):
+    """Softmax over the last axis of an array, in place when it is contiguous (else on a copy), in
+    row blocks over the pool. Returns the probabilities."""
+    S = get_array_module(S).ascontiguousarray(S)
+    _run_chunked(lambda rows: _softmax_rows(rows, guard), S.reshape(-1, S.shape[-1]))
+    return S
+
+
+def _softmax_backward_rows(dP, P, dot=None):
+    """In place, rows: dP -> P * (dP - sum(dP * P)); ``dot`` = sum(dP * P) when already known."""
+    if dot is None:
+        dot = (dP * P).sum(axis=-1, keepdims=True)
+    dP -= dot
+    dP *= P
 
 
 def softmax(x, axis=-1):
     """p_i = e^{x_i} / sum_j e^{x_j}, computed as e^{x_i - max x} (no overflow).  x (...) -> (...).
     Jacobian dp_i/dx_j = p_i (δ_ij - p_j), so
-        dinp = p * (dout - sum(dout * p))   (sum over ``axis``)."""
-    P = _softmax_array(x.data, axis)                        # (...)
+        dinp = p * (dout - sum(dout * p))   (sum over ``axis``).
+    Both passes work on a copy with ``axis`` moved last, in row blocks over the pool."""
+    xp = get_array_module(x.data)
+    P = softmax_array(xp.moveaxis(x.data, axis, -1).copy())  # (..., V) softmax axis last
 
     def backward(dout):
-        dinp = dout * P
-        dot = dinp.sum(axis=axis, keepdims=True)            # sum(dout * p)
-        get_array_module(dout).subtract(dout, dot, out=dinp)
-        dinp *= P
-        x._accumulate(dinp)
-    return Tensor.from_op(P, (x,), backward, "softmax")
+        dinp = xp.moveaxis(dout, axis, -1).copy()           # (..., V) contiguous
+        _run_chunked(_softmax_backward_rows, dinp.reshape(-1, P.shape[-1]), P.reshape(-1, P.shape[-1]))
+        x._accumulate(xp.moveaxis(dinp, -1, axis))
+    return Tensor.from_op(xp.moveaxis(P, -1, axis), (x,), backward, "softmax")
 
 
 def cross_entropy(logits, targets, ignore_index=-100):

@@ -190,21 +190,6 @@ def test_gelu_known_answer(xp):
     np.testing.assert_allclose(to_numpy(x.grad), [0.5, 1.0, 0.0], atol=1e-12)  # gelu'(0) = 1/2
 
 
-def test_gelu_threaded_is_bit_identical(xp):
-    """Large arrays are split over threads; each element must be computed exactly as in one call."""
-    n = F._CHUNK_MIN * 2 + 13
-    x = xp.asarray(normal(0, n).astype(np.float32))
-    t = Tensor(x, requires_grad=True)
-    y = F.gelu(t)
-    dout = xp.asarray(normal(1, n).astype(np.float32))
-    y.backward(dout)
-    out, s, dinp = xp.empty_like(x), xp.empty_like(x), xp.empty_like(x)
-    F._gelu_forward(x, out, s)
-    F._gelu_backward(x, s, dout, dinp)
-    np.testing.assert_array_equal(to_numpy(y.data), to_numpy(out))
-    np.testing.assert_array_equal(to_numpy(t.grad), to_numpy(dinp))
-
-
 # ---- softmax -------------------------------------------------------------------------------------
 
 @given(B=side, T=side, C=width, axis=st.sampled_from([-1, 0, 1]), seed=seeds)
@@ -357,6 +342,30 @@ def test_dropout(xp):
         F.dropout(x, 1.0)
 
 
+# ---- the thread pool ----------------------------------------------------------------------------
+
+THREADED = {  # each big enough (>= _CHUNK_MIN elements) to be split over the pool
+    "gelu": (F.gelu, [(3, F._CHUNK_MIN // 3 + 7)]),
+    "layer_norm": (F.layer_norm, [(2, 300, 500), (500,), (500,)]),
+    "softmax": (F.softmax, [(600, 501)]),
+    "softmax axis 0": (lambda x: F.softmax(x, axis=0), [(501, 600)]),
+    "attention": (F.scaled_dot_product_attention, [(2, 9, 128, 16)] * 3),
+}
+
+
+@pytest.mark.parametrize("name", THREADED)
+def test_threaded_is_bit_identical(xp, name, monkeypatch):
+    """Large arrays are split over threads; each element must come out exactly as in one call."""
+    fn, shapes = THREADED[name]
+    arrays = [xp.asarray(normal(i, *s), dtype=np.float32) for i, s in enumerate(shapes)]
+    split = run(fn, arrays)
+    monkeypatch.setattr(F, "_CHUNK_MIN", 1 << 62)           # no array is large enough to split
+    whole = run(fn, arrays)
+    np.testing.assert_array_equal(split[0], whole[0])
+    for a, b in zip(split[1], whole[1]):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---- registry, dtype ----------------------------------------------------------------------------
 
 def test_registered_checks_pass(xp):
@@ -379,6 +388,7 @@ FLOAT32_CASES = {
     "layer_norm": (F.layer_norm, [(2, 3, 5), (5,), (5,)]),
     "gelu": (F.gelu, [(2, 3, 5)]),
     "gelu threaded": (F.gelu, [(4, F._CHUNK_MIN // 2 + 1)]),
+    "layer_norm threaded": (F.layer_norm, [(F._CHUNK_MIN // 64 + 1, 64), (64,), (64,)]),
     "softmax": (F.softmax, [(2, 3, 5)]),
     "cross_entropy": (lambda x: F.cross_entropy(x, np.array([[0, 4, -100]])), [(1, 3, 5)]),
     "attention": (F.scaled_dot_product_attention, [(1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4)]),
