@@ -83,7 +83,7 @@ def scaled_dot_product_attention(q, k, v, is_causal=True, attn_mask=None, dropou
         dS = dout @ Vv.swapaxes(-1, -2)                      # (B, NH, Tq, Tk) dP
         if drop is not None:
             dS *= drop
-        dot = (dout * out).sum(axis=-1, keepdims=True)       # (B, NH, Tq, 1) sum(dP * P), see module doc
+        dot = xp.einsum("...i,...i->...", dout, out)[..., None]  # (B, NH, Tq, 1) sum(dP * P), module doc
         rows = (a.reshape(-1, a.shape[-1]) for a in (dS, P, dot))  # views: all three are contiguous
         _run_chunked(_softmax_backward_rows, *rows)          # dS = P * (dP - sum(dP * P)), in place
         if q.requires_grad:
