@@ -222,9 +222,11 @@ def _run_chunked(kernel, *arrays):
     """kernel(*arrays) for arrays that share their first axis, where the kernel treats each index
     of that axis on its own (elementwise, or row by row) and writes its results in place.
 
-    NumPy ufuncs and reductions release the GIL, so large NumPy arrays (at least _CHUNK_MIN
-    elements) are cut into one block of that axis per thread and the blocks run concurrently;
-    every element or row is computed by the same code as in one call, so results are bit-identical.
+    NumPy ufuncs release the GIL, so large NumPy arrays (at least _CHUNK_MIN elements) are cut
+    into one block of that axis per thread and the blocks run concurrently; every element or row is
+    computed by the same code as in one call, so results are bit-identical. (Measured on 2 cores:
+    GELU forward 7.3 -> 3.8 ms on (2048, 1536); row reductions and einsum gain nothing, so
+    layer_norm does not use it.)
     """
     global _POOL
     n_threads = min(2, os.cpu_count() or 1)
