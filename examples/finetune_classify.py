@@ -40,7 +40,7 @@ def pretrain(out_dir, iters, n_layer, n_embd, block_size):
     with open(os.path.join(data, "meta.json"), "w") as f:
         json.dump({"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "dtype": "uint16"}, f)
     r = train(TrainConfig(data=data, out_dir=out_dir, n_layer=n_layer, n_head=4, n_embd=n_embd,
-                          block_size=block_size, pos="sinusoidal", batch_size=8, max_iters=iters,
+                          block_size=block_size, batch_size=8, max_iters=iters,
                           lr_decay_iters=iters, warmup_iters=min(50, iters // 5), eval_interval=max(iters, 1),
                           eval_iters=5, progress=True), log=lambda *_: None)
     print(f"pretrained {iters} iterations in {r['seconds']:.0f} s: val loss {r['val_loss']:.3f}")

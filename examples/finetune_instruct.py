@@ -6,9 +6,9 @@
 The bundled set asks five things of a line of Shakespeare: which work, which genre, who speaks next,
 continue the line, reverse these words. Prompts follow the Alpaca template ("Below is an
 instruction that describes a task..."), about 300 characters, so a char-level model needs a
-context of ~384. A checkpoint trained with sinusoidal positions (``npgpt train --pos=sinusoidal``)
-can be fine-tuned at a longer context than it was pretrained with; without --checkpoint a small
-model is trained from scratch. The held-out split is scored before and after by the
+context of ~384: pretrain with ``npgpt train --block_size=384`` (a checkpoint with sinusoidal
+positions, ``--pos=sinusoidal``, can also be stretched to a longer context than it was trained
+with). Without --checkpoint a small model is trained from scratch. The held-out split is scored before and after by the
 log-likelihood per reference-response token, and after by exact match of the greedy response.
 """
 import argparse

@@ -21,14 +21,14 @@ def load_pretrained(path, block_size=None):
     if block_size and block_size > conf["block_size"]:
         if conf.get("pos", "learned") != "sinusoidal":
             raise ValueError(f"the checkpoint learned positions only up to {conf['block_size']} tokens, "
-                             f"{block_size} were asked for: use shorter texts or pretrain with --pos=sinusoidal")
+                             f"{block_size} were asked for: use shorter texts or pretrain with --block_size={block_size}")
         conf["block_size"] = int(block_size)
     gpt = GPT(GPTConfig.from_dict(conf))
     gpt.load_state_dict(ckpt["model"])
     return gpt.train(), dict(ckpt.get("meta") or {})
 
 
-def init_model(init_from, text, n_layer=4, n_head=4, n_embd=128, block_size=256, pos="sinusoidal", seed=0):
+def init_model(init_from, text, n_layer=4, n_head=4, n_embd=128, block_size=256, pos="learned", seed=0):
     """(gpt, tokenizer, meta) to fine-tune.
 
     init_from: "scratch" (a new char-level GPT over the alphabet of ``text``) or a checkpoint path
