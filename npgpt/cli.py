@@ -10,6 +10,8 @@ import sys
 # modules that contribute subcommands, in the order `npgpt --help` lists them
 SUBCOMMAND_MODULES = [
     "npgpt.commands.train_cmd",
+    "npgpt.commands.prepare_cmd",
+    "npgpt.commands.tokenize_cmd",
     "npgpt.commands.gradcheck_cmd",
     "npgpt.commands.finetune_cmd",
 ]

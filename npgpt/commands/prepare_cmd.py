@@ -1,0 +1,29 @@
+"""``npgpt prepare``: text files -> train.bin / val.bin / meta.json for ``npgpt train``."""
+import sys
+
+
+def register(sub):
+    p = sub.add_parser("prepare", help="tokenize text into train.bin/val.bin for npgpt train",
+                       description="Tokenize a file, directory or glob of .txt/.jsonl files into DIR/train.bin, "
+                                   "DIR/val.bin (uint16, uint32 above 65,535 tokens) and DIR/meta.json. "
+                                   "First 90%% of the tokens train, the rest validate.")
+    p.add_argument("--input", nargs="+", default=None, help="inputs (default: the bundled Shakespeare)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", default="char", help="char (default), gpt2, or a saved tokenizer file")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=None, help="processes for BPE (default: all cores)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from ..data import bundled_corpus_path
+    from ..prepare import prepare
+    try:
+        meta = prepare(args.input or [bundled_corpus_path()], args.out, tokenizer=args.tokenizer,
+                       val_fraction=args.val_fraction, workers=args.workers)
+    except (ValueError, FileNotFoundError, UnicodeDecodeError) as e:
+        print(f"npgpt prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+          f"vocabulary {meta['vocab_size']} ({meta['tokenizer']}), {meta['dtype']}")
+    return 0

@@ -1,0 +1,35 @@
+"""Tokenizers: GPT-2's byte-level BPE (byte-exact with GPT-2's real ranks), BPE training, characters.
+
+    from npgpt.tokenizer import get_encoding
+    enc = get_encoding("gpt2")
+    enc.encode("Hello world")          # [15496, 995]
+"""
+from .encoding import Encoding, GPT2_PATTERN, GPT4_PATTERN
+from .loading import get_encoding, load_tiktoken_bpe, save_tiktoken_bpe, load_hf_bpe, bytes_to_unicode
+from .trainer import BasicTokenizer, RegexTokenizer, train_bpe, load_tokenizer
+from .char import CharTokenizer
+
+__all__ = ["Encoding", "GPT2_PATTERN", "GPT4_PATTERN", "get_encoding", "load_tiktoken_bpe", "save_tiktoken_bpe",
+           "load_hf_bpe", "bytes_to_unicode", "BasicTokenizer", "RegexTokenizer", "train_bpe", "load_tokenizer",
+           "CharTokenizer", "load_tokenizer_from_meta", "tokenizer_from_name"]
+
+
+def tokenizer_from_name(name):
+    """"gpt2" or a path to a saved tokenizer (.json / .tiktoken)."""
+    if name == "gpt2":
+        return get_encoding("gpt2")
+    return load_tokenizer(name)
+
+
+def load_tokenizer_from_meta(meta):
+    """The tokenizer a prepared dataset / checkpoint was made with, from its ``meta`` dict
+    (or the path of a directory holding ``meta.json``)."""
+    if isinstance(meta, str):
+        import json
+        import os
+        with open(os.path.join(meta, "meta.json")) as f:
+            meta = json.load(f)
+    kind = meta.get("tokenizer", "char")
+    if kind == "char":
+        return CharTokenizer(meta["chars"])
+    return tokenizer_from_name(kind)
