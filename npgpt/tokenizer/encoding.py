@@ -18,18 +18,28 @@ GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| 
                 r"""\s*[\r\n]|\s+(?!\S)|\s+""")
 
 
+_NONE = float("inf")
+
+
 def bpe_merge(piece, ranks):
-    """Token ids of one pre-token ``piece`` (bytes) under ``ranks`` (bytes -> id), lowest rank first."""
+    """Token ids of one pre-token ``piece`` (bytes) under ``ranks`` (bytes -> id), lowest rank first.
+
+    ``pair_ranks[i]`` is the rank of parts[i] + parts[i+1] (inf if not a token); after a merge only
+    the two pairs touching the merged part change."""
     parts = [piece[i:i + 1] for i in range(len(piece))]
-    while len(parts) > 1:
-        best, best_i = None, -1
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and (best is None or r < best):
-                best, best_i = r, i
-        if best is None:
+    get = ranks.get
+    pair_ranks = [get(parts[i] + parts[i + 1], _NONE) for i in range(len(parts) - 1)]
+    while pair_ranks:
+        best = min(pair_ranks)
+        if best == _NONE:
             break
-        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        i = pair_ranks.index(best)                   # leftmost pair of the lowest rank
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pair_ranks[i]
+        if i < len(parts) - 1:
+            pair_ranks[i] = get(parts[i] + parts[i + 1], _NONE)
+        if i > 0:
+            pair_ranks[i - 1] = get(parts[i - 1] + parts[i], _NONE)
     return [ranks[p] for p in parts]
 
 
@@ -78,7 +88,7 @@ class Encoding:
             if ids is None:
                 b = piece.encode("utf-8", errors="surrogatepass")
                 r = ranks.get(b)
-                ids = [r] if r is not None else bpe_merge(b, ranks)
+                ids = (r,) if r is not None else tuple(bpe_merge(b, ranks))
                 if len(cache) < 500_000:
                     cache[piece] = ids
             out += ids
