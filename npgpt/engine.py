@@ -176,15 +176,16 @@ class Tensor:
         self._grad_owned = False
 
     # ---- reverse mode --------------------------------------------------------------------------
-    def _accumulate(self, g):
+    def _accumulate(self, g, owned=False):
         """``self.grad += g``. The first gradient is kept by reference (no copy) unless this is a
-        leaf, whose ``.grad`` outlives the pass and must be its own writeable buffer; later ones
-        are added in place into a buffer we own, or out of place into one we don't."""
+        leaf, whose ``.grad`` outlives the pass and must be its own writeable buffer (an op that
+        hands over a fresh array nobody else holds passes ``owned=True`` to skip that copy); later
+        ones are added in place into a buffer we own, or out of place into one we don't."""
         if isinstance(g, np.generic):  # NumPy reductions of 0-d arrays return scalars
             g = np.asarray(g)
         if self.grad is None:
             if self._backward is None or self._retain:
-                self.grad = g.copy()
+                self.grad = g if owned and g.flags.writeable else g.copy()
                 self._grad_owned = True
             else:
                 self.grad = g

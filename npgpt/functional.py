@@ -38,9 +38,9 @@ def linear(x, weight, bias=None):
             dinp = dout2 @ W.T                              # (N, Cin)
             x._accumulate(dinp.reshape(x.shape))            # (..., Cin)
         if weight.requires_grad:
-            weight._accumulate(x2.T @ dout2)                # (Cin, Cout) dweight
+            weight._accumulate(x2.T @ dout2, owned=True)    # (Cin, Cout) dweight
         if bias is not None and bias.requires_grad:
-            bias._accumulate(dout2.sum(axis=0))             # (Cout,) dbias
+            bias._accumulate(dout2.sum(axis=0), owned=True)  # (Cout,) dbias
     parents = (x, weight) if bias is None else (x, weight, bias)
     return Tensor.from_op(out.reshape(x.shape[:-1] + (Cout,)), parents, backward, "linear")
 
@@ -65,7 +65,7 @@ def embedding(ids, weight):
     def backward(dout):
         V, C = weight.shape
         dweight = _embedding_grad(ids.reshape(-1), dout.reshape(-1, C), V)  # (V, C)
-        weight._accumulate(dweight)
+        weight._accumulate(dweight, owned=True)
     return Tensor.from_op(out, (weight,), backward, "embedding")
 
 
@@ -144,9 +144,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     def backward(dout):
         dout2 = dout.reshape(-1, C)                         # (N, C)
         if weight is not None and weight.requires_grad:
-            weight._accumulate(xp.einsum("ij,ij->j", dout2, xhat))  # (C,) dweight
+            weight._accumulate(xp.einsum("ij,ij->j", dout2, xhat), owned=True)  # (C,) dweight
         if bias is not None and bias.requires_grad:
-            bias._accumulate(xp.einsum("ij->j", dout2))     # (C,) dbias
+            bias._accumulate(xp.einsum("ij->j", dout2), owned=True)     # (C,) dbias
         if x.requires_grad:
             dinp = dout2 * weight.data if weight is not None else dout2.copy()  # (N, C) g
             gxm = xp.einsum("ij,ij->i", dinp, xhat)[:, None]
