@@ -181,14 +181,12 @@ def from_hf(path, dtype=None):
                  f"unsupported dtypes (convert to float16/32) [{'; '.join(dtypes)}]" if dtypes else ""]
         raise HFCheckpointError(f"{path} does not match a GPT-2 of config {config}: "
                                 + ", ".join(p for p in parts if p))
-    by_file = {}
     for name, (file, key) in located.items():
-        by_file.setdefault(file, []).append((name, key))
-    for file, items in by_file.items():
+        # one tensor in host memory at a time; reopening unmaps the file pages the last read touched,
+        # so they do not pile up in the resident set (reading the header again costs microseconds)
         with safe_open(file, framework="np") as f:
-            for name, key in items:       # one tensor in host memory at a time
-                p = params[name]
-                p.data[...] = backend.to_device(f.get_tensor(key), dtype=p.dtype)
+            p = params[name]
+            p.data[...] = backend.to_device(f.get_tensor(key), dtype=p.dtype)
     if lm_head is not None:
         with safe_open(lm_head[0], framework="np") as f:
             head = f.get_tensor(lm_head[1])
