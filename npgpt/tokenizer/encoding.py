@@ -5,10 +5,20 @@ and the adjacent pair whose concatenation has the lowest rank is merged, again a
 adjacent pair is in the vocabulary. Ranks are ids, so applying merges "by rank" reproduces the
 order in which training learned them. Each pre-token's result is cached: natural text repeats its
 words, so most pre-tokens are a dictionary lookup.
+
+Speed: with the cache warm, the regex split is most of the time. For GPT-2's pattern, ASCII text
+is split with an equivalent ASCII-only pattern on Python's ``re`` (about twice as fast as
+``regex`` with Unicode classes). The text is first cut into blocks between a non-space and a
+space character, where no GPT-2 pre-token can span (see ``_blocks``), and each block takes the
+ASCII path when it is pure ASCII.
 """
+import functools
+import itertools
+import re
+
 import regex
 
-__all__ = ["Encoding", "GPT2_PATTERN", "GPT4_PATTERN"]
+__all__ = ["Encoding", "GPT2_PATTERN", "GPT4_PATTERN", "pretokenize", "bpe_merge"]
 
 # GPT-2's pre-tokenizer: contractions, optional space + letters, optional space + digits, optional
 # space + other symbols, whitespace not followed by a non-space (so " word" keeps its space), whitespace.
@@ -18,7 +28,42 @@ GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| 
                 r"""\s*[\r\n]|\s+(?!\S)|\s+""")
 
 
+# The same pattern restricted to ASCII text, where (checked over all 128 characters in the tests)
+# \p{L} = [A-Za-z], \p{N} = [0-9] and \s = [\t\n\x0b\x0c\r ] (not re's \s, which adds \x1c-\x1f).
+GPT2_ASCII_PATTERN = (r"'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"
+                      r"|[\t\n\x0b\x0c\r ]+(?![^\t\n\x0b\x0c\r ])|[\t\n\x0b\x0c\r ]+")
+# A point between a non-space and a space character: every GPT-2 pre-token holding the non-space
+# ends there (only the whitespace alternatives contain spaces, and they start with one), no
+# alternative's choice depends on a character it cannot match, and matching needs no look-behind,
+# so the text on either side tokenizes on its own exactly as within the whole text.
+_GPT2_CUT = regex.compile(r"(?<=\S)(?=\s)")
+_BLOCK_CHARS = 1 << 14
+_CACHE_MAX = 500_000
 _NONE = float("inf")
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(pattern):
+    return regex.compile(pattern), (re.compile(GPT2_ASCII_PATTERN) if pattern == GPT2_PATTERN else None)
+
+
+def pretokenize(text, pattern=GPT2_PATTERN):
+    """The pre-tokens of ``text`` under the regex ``pattern``, as one list per block of text.
+
+    For GPT-2's pattern the text is cut into ~16k-character blocks between a non-space and a space
+    character (safe, see ``_GPT2_CUT``) and pure-ASCII blocks use ``GPT2_ASCII_PATTERN``; the
+    concatenated lists always equal ``regex.findall(pattern, text)``."""
+    pat, ascii_pat = _compiled(pattern)
+    if ascii_pat is None or len(text) <= 2 * _BLOCK_CHARS:
+        yield (ascii_pat if ascii_pat is not None and text.isascii() else pat).findall(text)
+        return
+    start, n = 0, len(text)
+    while start < n:
+        m = _GPT2_CUT.search(text, start + _BLOCK_CHARS) if n - start > 2 * _BLOCK_CHARS else None
+        end = m.start() if m is not None else n
+        block = text[start:end]
+        yield (ascii_pat if block.isascii() else pat).findall(block)
+        start = end
 
 
 def bpe_merge(piece, ranks):
@@ -54,7 +99,6 @@ class Encoding:
     def __init__(self, name, pattern, mergeable_ranks, special_tokens=None):
         self.name = name
         self.pattern = pattern
-        self._pat = regex.compile(pattern)
         self.mergeable_ranks = dict(mergeable_ranks)
         self.special_tokens = dict(special_tokens or {})
         missing = [b for b in range(256) if bytes([b]) not in self.mergeable_ranks]
@@ -64,35 +108,58 @@ class Encoding:
         self.decoder = {i: b for b, i in self.mergeable_ranks.items()}
         for s, i in self.special_tokens.items():
             self.decoder[i] = s.encode("utf-8")
-        self._special_pat = (regex.compile("|".join(regex.escape(s) for s in sorted(self.special_tokens, key=len, reverse=True)))
-                             if self.special_tokens else None)
-        self._cache = {}
+        self._n_vocab = max(self.decoder) + 1
+        self._cache = {}                             # pre-token str -> tuple of ids
+
+    def add_decodings(self, id_to_bytes):
+        """Ids that decode to bytes but are never produced by encoding (a trained vocabulary can
+        spell the same bytes by two merges; encoding uses the lower id)."""
+        self.decoder.update(id_to_bytes)
+        self._n_vocab = max(self.decoder) + 1
 
     def __repr__(self):
         return f"<Encoding {self.name!r} n_vocab={self.n_vocab}>"
 
     @property
     def n_vocab(self):
-        return max(self.decoder) + 1
+        """One more than the largest id (tiktoken's definition)."""
+        return self._n_vocab
 
     @property
     def eot_token(self):
         return self.special_tokens.get("<|endoftext|>")
 
+    @property
+    def special_tokens_set(self):
+        return set(self.special_tokens)
+
     # ---- encoding ----------------------------------------------------------------------------------
-    def encode_ordinary(self, text):
-        """Ids of ``text`` with special-token strings treated as plain text."""
-        cache, ranks, out = self._cache, self.mergeable_ranks, []
-        for piece in self._pat.findall(text):
-            ids = cache.get(piece)
-            if ids is None:
-                b = piece.encode("utf-8", errors="surrogatepass")
-                r = ranks.get(b)
-                ids = (r,) if r is not None else tuple(bpe_merge(b, ranks))
-                if len(cache) < 500_000:
-                    cache[piece] = ids
-            out += ids
+    def _bpe(self, piece):
+        """Ids of one pre-token (str), through the cache."""
+        b = piece.encode("utf-8")                    # a lone surrogate raises: see encode_ordinary
+        r = self.mergeable_ranks.get(b)              # a whole pre-token that is a token: no merging
+        ids = (r,) if r is not None else tuple(bpe_merge(b, self.mergeable_ranks))
+        if len(self._cache) < _CACHE_MAX:
+            self._cache[piece] = ids
+        return ids
+
+    def _encode_ordinary(self, text):
+        get, out = self._cache.get, []
+        for pieces in pretokenize(text, self.pattern):
+            ids = list(map(get, pieces))
+            if None in ids:
+                ids = [t if t is not None else self._bpe(p) for t, p in zip(ids, pieces)]
+            out.extend(itertools.chain.from_iterable(ids))
         return out
+
+    def encode_ordinary(self, text):
+        """Ids of ``text`` with special-token strings treated as plain text. As in tiktoken, text that
+        is not valid Unicode (lone surrogates) is first round-tripped through UTF-16 with U+FFFD
+        replacement."""
+        try:
+            return self._encode_ordinary(text)
+        except UnicodeEncodeError:
+            return self._encode_ordinary(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
         """Ids of ``text``. Special tokens in ``allowed_special`` ("all" or a set) become their ids;
@@ -102,7 +169,7 @@ class Encoding:
         allowed = specials if allowed_special == "all" else set(allowed_special)
         disallowed = specials - allowed if disallowed_special == "all" else set(disallowed_special)
         if disallowed:
-            found = regex.search("|".join(regex.escape(s) for s in disallowed), text)
+            found = _alternation(frozenset(disallowed)).search(text)
             if found:
                 raise ValueError(
                     f"Encountered text corresponding to disallowed special token {found.group()!r}.\n"
@@ -111,22 +178,19 @@ class Encoding:
                     f"as normal text, disable the check for this token by passing "
                     f"`disallowed_special=(enc.special_tokens_set - {{{found.group()!r}}})`.\n"
                     f"To disable this check for all special tokens, pass `disallowed_special=()`.")
+        allowed &= specials                          # strings that are not special tokens are ignored
         if not allowed:
             return self.encode_ordinary(text)
-        pat = regex.compile("|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)))
         out, start = [], 0
-        for m in pat.finditer(text):
+        for m in _alternation(frozenset(allowed)).finditer(text):   # ordinary text between allowed specials
             out += self.encode_ordinary(text[start:m.start()])
             out.append(self.special_tokens[m.group()])
             start = m.end()
         out += self.encode_ordinary(text[start:])
         return out
 
-    @property
-    def special_tokens_set(self):
-        return set(self.special_tokens)
-
     def encode_batch(self, texts, allowed_special=frozenset(), disallowed_special="all"):
+        """``[encode(t) for t in texts]`` (one thread: the cache is shared)."""
         return [self.encode(t, allowed_special, disallowed_special) for t in texts]
 
     # ---- decoding ----------------------------------------------------------------------------------
@@ -143,3 +207,9 @@ class Encoding:
 
     def decode_single_token_bytes(self, i):
         return self.decode_bytes([i])
+
+
+@functools.lru_cache(maxsize=64)
+def _alternation(tokens):
+    """A regex matching any of the literal strings ``tokens`` (longest first)."""
+    return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)))

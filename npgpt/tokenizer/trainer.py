@@ -17,7 +17,7 @@ import os
 
 import regex
 
-from .encoding import Encoding, GPT2_PATTERN, GPT4_PATTERN
+from .encoding import Encoding, GPT2_PATTERN, GPT4_PATTERN, pretokenize
 from .loading import load_tiktoken_bpe, save_tiktoken_bpe
 
 __all__ = ["BasicTokenizer", "RegexTokenizer", "train_bpe", "load_tokenizer"]
@@ -84,34 +84,51 @@ def train_bpe(word_counts, num_merges, verbose=False):
 
 
 class BasicTokenizer:
-    """Byte-level BPE with no pre-tokenization: the whole text is one sequence (for teaching)."""
+    """Byte-level BPE with no pre-tokenization: the whole text is one sequence (for teaching; merges
+    may then cross word boundaries, and each merge rewrites the whole text, so keep texts small).
+
+    State: ``merges`` [(left id, right id), ...] where merge k made id 256 + k (ids 0..255 are the
+    bytes), and ``special_tokens`` {str: id}. A vocabulary loaded from a foreign ``.tiktoken`` file
+    (whose ids need not follow that layout) is kept as its ranks instead, with ``merges`` empty.
+    """
 
     pattern = None
 
     def __init__(self):
         self.merges, self.special_tokens = [], {}
+        self._ranks = None                           # bytes -> id, only for foreign rank files
         self._encoding = None
 
     def _pretokens(self, text):
-        return [text]
+        """Lists of pre-tokens: here the whole text is one."""
+        return [[text]]
 
     def train(self, text, vocab_size, special_tokens=None, verbose=False):
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``; the special token
-        strings get the last ids. Returns self."""
-        special_tokens = list(special_tokens or [])   # strings; they take the ids after the merges
+        strings get the last ids. Returns self. Ties between equally frequent pairs go to the
+        smallest (left id, right id), see ``train_bpe``."""
+        special_tokens = list(dict.fromkeys(special_tokens or []))
         num_merges = vocab_size - 256 - len(special_tokens)
         if num_merges < 0:
             raise ValueError(f"vocab_size must be at least 256 + {len(special_tokens)} special tokens")
-        counts = collections.Counter(p.encode("utf-8") for p in self._pretokens(text))
-        self.merges = train_bpe(counts, num_merges, verbose)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:                  # lone surrogates: as Encoding.encode_ordinary does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        counts = collections.Counter()
+        for pieces in self._pretokens(text):        # unique pre-tokens with their frequencies
+            counts.update(pieces)
+        self.merges = train_bpe({p.encode("utf-8"): c for p, c in counts.items()}, num_merges, verbose)
         n = 256 + len(self.merges)
         self.special_tokens = {s: n + i for i, s in enumerate(special_tokens)}
-        self._encoding = None
+        self._ranks, self._encoding = None, None
         return self
 
     @property
     def vocab(self):
-        """id -> bytes."""
+        """id -> bytes of every regular token."""
+        if self._ranks is not None:
+            return {i: b for b, i in self._ranks.items()}
         vocab = {i: bytes([i]) for i in range(256)}
         for k, (a, b) in enumerate(self.merges):
             vocab[256 + k] = vocab[a] + vocab[b]
@@ -119,11 +136,15 @@ class BasicTokenizer:
 
     @property
     def encoding(self):
-        """The trained vocabulary as a rank-based Encoding (ranks = ids)."""
+        """The vocabulary as a rank-based Encoding (rank = id; merge order is id order)."""
         if self._encoding is None:
-            ranks = {b: i for i, b in self.vocab.items()}
+            vocab, ranks = self.vocab, {}
+            for i, b in sorted(vocab.items()):
+                ranks.setdefault(b, i)               # two merges spelling the same bytes: the first wins
             pat = self.pattern if self.pattern is not None else r"(?s).+"
-            self._encoding = Encoding(type(self).__name__, pat, ranks, self.special_tokens)
+            enc = Encoding(type(self).__name__, pat, ranks, self.special_tokens)
+            enc.add_decodings({i: b for i, b in vocab.items() if ranks[b] != i})   # the second still decodes
+            self._encoding = enc
         return self._encoding
 
     @property
@@ -132,29 +153,33 @@ class BasicTokenizer:
 
     @property
     def eot_token(self):
-        return self.encoding.eot_token
+        return self.special_tokens.get("<|endoftext|>")
 
     def encode(self, text, allowed_special="all", disallowed_special=()):
+        """Ids of ``text``; special-token strings become their ids by default (own training data)."""
         return self.encoding.encode(text, allowed_special, disallowed_special)
 
     def encode_ordinary(self, text):
         return self.encoding.encode_ordinary(text)
 
     def decode(self, ids):
+        """Text of ``ids`` (a partial UTF-8 character becomes U+FFFD)."""
         return self.encoding.decode(ids)
 
     # ---- files -----------------------------------------------------------------------------------
     def save(self, path):
-        """Save as readable JSON (``.json``: pattern, specials, merges as id pairs) or as tiktoken
-        ranks (``.tiktoken``; the pattern and specials then go in a ``.json`` sidecar)."""
+        """Save as readable JSON (``.json``: type, pattern, specials, merges as id pairs) or as
+        tiktoken ranks (``.tiktoken``; the pattern and specials then go in a ``.json`` sidecar)."""
         meta = {"type": type(self).__name__, "pattern": self.pattern, "special_tokens": self.special_tokens}
         if path.endswith(".tiktoken"):
             save_tiktoken_bpe({b: i for i, b in self.vocab.items()}, path)
             with open(path + ".json", "w") as f:
                 json.dump(meta, f, indent=1)
-        else:
-            with open(path, "w") as f:
-                json.dump({**meta, "merges": [list(m) for m in self.merges]}, f)
+            return
+        if self._ranks is not None:
+            raise ValueError("this vocabulary was loaded from ranks without merges: save it as .tiktoken")
+        with open(path, "w") as f:
+            json.dump({**meta, "merges": [list(m) for m in self.merges]}, f)
 
 
 class RegexTokenizer(BasicTokenizer):
@@ -163,38 +188,59 @@ class RegexTokenizer(BasicTokenizer):
     def __init__(self, pattern="gpt2"):
         super().__init__()
         self.pattern = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}.get(pattern, pattern)
-        self._pat = regex.compile(self.pattern)
+        regex.compile(self.pattern)                 # fail early on a bad pattern
 
     def _pretokens(self, text):
-        return self._pat.findall(text)
+        return pretokenize(text, self.pattern)
+
+
+def _merges_from_ranks(ranks):
+    """The merges of a rank table in our layout (byte b has id b, then ids 256, 257, ... each the
+    concatenation of two earlier tokens), or None if ``ranks`` does not follow it."""
+    by_id = {i: b for b, i in ranks.items()}
+    if any(by_id.get(i) != bytes([i]) for i in range(256)) or sorted(by_id) != list(range(len(by_id))):
+        return None
+    merges = []
+    for i in range(256, len(by_id)):
+        b = by_id[i]
+        for k in range(1, len(b)):                  # any split into two earlier tokens spells b
+            left, right = ranks.get(b[:k]), ranks.get(b[k:])
+            if left is not None and right is not None and left < i and right < i:
+                merges.append((left, right))
+                break
+        else:
+            return None
+    return merges
 
 
 def load_tokenizer(path):
-    """A tokenizer saved by ``save`` (``.json`` or ``.tiktoken`` + sidecar)."""
+    """A tokenizer saved by ``save`` (``.json``, or ``.tiktoken`` with an optional ``.json`` sidecar
+    holding the pattern and specials; without one, GPT-2's pattern and no specials)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file {path} not found")
     if path.endswith(".tiktoken"):
         side = path + ".json"
-        meta = json.load(open(side)) if os.path.exists(side) else {"pattern": GPT2_PATTERN, "special_tokens": {}}
+        meta = {"pattern": GPT2_PATTERN, "special_tokens": {}}
+        if os.path.exists(side):
+            with open(side) as f:
+                meta = json.load(f)
         ranks = load_tiktoken_bpe(path)
         tok = RegexTokenizer(meta["pattern"]) if meta.get("pattern") else BasicTokenizer()
-        vocab = sorted(ranks.items(), key=lambda kv: kv[1])
-        byte_to_id = {b: i for b, i in vocab}
-        merges = []
-        for b, i in vocab:
-            if len(b) == 1:
-                continue
-            # recover the merge: the split of b into two known tokens with the highest-ranked halves
-            best = min(((byte_to_id[b[:k]], byte_to_id[b[k:]]) for k in range(1, len(b))
-                        if b[:k] in byte_to_id and b[k:] in byte_to_id and byte_to_id[b[:k]] < i
-                        and byte_to_id[b[k:]] < i), key=lambda pr: max(pr))
-            merges.append(best)
-        tok.merges, tok.special_tokens = merges, meta.get("special_tokens", {})
+        merges = _merges_from_ranks(ranks)
+        if merges is None:
+            tok._ranks = ranks
+        else:
+            tok.merges = merges
+        tok.special_tokens = meta.get("special_tokens", {})
         return tok
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("type") not in ("BasicTokenizer", "RegexTokenizer"):
-        raise ValueError(f"{path} is not an npgpt tokenizer file")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = {}
+    if not isinstance(meta, dict) or meta.get("type") not in ("BasicTokenizer", "RegexTokenizer"):
+        raise ValueError(f"{path} is not an npgpt tokenizer file (.json saved by RegexTokenizer.save, "
+                         f"or .tiktoken ranks)")
     tok = RegexTokenizer(meta["pattern"]) if meta["type"] == "RegexTokenizer" else BasicTokenizer()
     tok.merges = [tuple(m) for m in meta["merges"]]
     tok.special_tokens = meta.get("special_tokens", {})
