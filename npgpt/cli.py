@@ -14,6 +14,8 @@ SUBCOMMAND_MODULES = [
     "npgpt.commands.tokenize_cmd",
     "npgpt.commands.gradcheck_cmd",
     "npgpt.commands.finetune_cmd",
+    "npgpt.commands.convert_cmd",
+    "npgpt.commands.eval_cmd",
 ]
 
 

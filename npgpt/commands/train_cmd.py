@@ -21,8 +21,11 @@ def register(sub):
     p.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
     p.set_defaults(func=run_train, accepts_overrides=True)
 
-    s = sub.add_parser("sample", help="sample text from a trained checkpoint")
+    s = sub.add_parser("sample", help="sample text from a trained checkpoint or a Hugging Face GPT-2")
     s.add_argument("--out_dir", default="out-shakespeare-char", help="directory holding ckpt.npz")
+    s.add_argument("--hf", metavar="DIR", default=None,
+                   help="sample from a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors) "
+                        "instead of --out_dir; uses the GPT-2 tokenizer (or the one npgpt_meta.json names)")
     s.add_argument("--start", default="\n", help="prompt text (or FILE:path to read it from a file)")
     s.add_argument("--num_samples", type=int, default=1)
     s.add_argument("--max_new_tokens", type=int, default=500)
@@ -118,12 +121,17 @@ def run_train(args):
     return 0
 
 
-def _print_samples(out_dir, start, num_samples, max_new_tokens, temperature, top_k, top_p, seed, cache):
+def _print_samples(out_dir, start, num_samples, max_new_tokens, temperature, top_k, top_p, seed, cache, hf=None):
     import numpy as np
     from ..tokenizer import load_tokenizer_from_meta
-    from ..train import load_model
-    model, ckpt = load_model(out_dir)
-    tok = load_tokenizer_from_meta(ckpt["meta"])
+    if hf is not None:
+        from ..hf import from_hf, load_hf_meta
+        model, meta = from_hf(hf), load_hf_meta(hf)
+    else:
+        from ..train import load_model
+        model, ckpt = load_model(out_dir)
+        meta = ckpt["meta"]
+    tok = load_tokenizer_from_meta(meta)
     ids = tok.encode(start)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give a non-empty --start")
@@ -147,7 +155,7 @@ def run_sample(args):
             start = f.read()
     try:
         _print_samples(args.out_dir, start, args.num_samples, args.max_new_tokens, args.temperature,
-                       args.top_k, args.top_p, args.seed, not args.no_cache)
+                       args.top_k, args.top_p, args.seed, not args.no_cache, hf=args.hf)
     except (CheckpointError, ValueError) as e:
         print(f"npgpt sample: error: {e}", file=sys.stderr)
         return 2
