@@ -66,8 +66,10 @@ def target_logprobs(model, x, y):
     keep = y != IGNORE
     t = xp.where(keep, y, 0)
     m = logits.max(axis=-1)                                                # (B, T)
-    lse = m + xp.log(xp.exp(logits - m[..., None]).sum(axis=-1))          # (B, T) log sum_j e^x_j
     picked = xp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]    # (B, T) x[y]
+    E = logits - m[..., None]                                              # (B, T, V), one temporary
+    xp.exp(E, out=E)
+    lse = m + xp.log(E.sum(axis=-1))                                       # (B, T) log sum_j e^x_j
     return backend.to_numpy(xp.where(keep, picked - lse, 0.0)).astype(np.float64)
 
 
