@@ -1,12 +1,24 @@
-"""Data preparation: text files -> flat token-id files ``train.bin`` / ``val.bin`` + ``meta.json``.
+r"""Data preparation: text files -> flat token-id files ``train.bin`` / ``val.bin`` + ``meta.json``.
 
-Inputs are a file, a directory or a glob of ``.txt`` / ``.jsonl`` files (a ``.jsonl`` line is a
-document in its ``text`` field; a ``.txt`` file is one document). Inputs are streamed in chunks
-cut between a non-space character and a newline: no GPT-2 pre-token spans such a point (a
-whitespace run starts at the newline either way and never reaches a chunk's end), so chunked encoding equals whole-text encoding, and the corpus is
-never held in memory at once. BPE chunks are encoded on all cores; ``<|endoftext|>`` separates
-documents. The first ``1 - val_fraction`` of the tokens is the training split, the rest validation.
-Ids are uint16, or uint32 when the vocabulary exceeds 65,535.
+Inputs are a file, a directory or a glob of ``.txt`` / ``.jsonl`` files (a ``.txt`` file is one
+document; a ``.jsonl`` line is one document, its ``text`` field). Nothing holds the corpus at once:
+files are read 1 MB at a time and re-cut into chunks at *safe points*, where both GPT-2's and
+GPT-4's pre-tokenizers (``npgpt.tokenizer.encoding``) end a pre-token whatever follows:
+
+- between a letter and a line break: letters end there, and only punctuation pulls the line
+  breaks after it into its pre-token (GPT-4's `` ?[^\s\p{L}\p{N}]++[\r\n]*``);
+- after a lone ``\n`` between two non-spaces: the ``\n`` is one pre-token in both patterns, and a
+  longer whitespace run is not (GPT-2's ``\s+(?!\S)`` leaves the run's last character to the
+  next word, so a run cut at its end would tokenize differently).
+
+Matching never looks behind, so the text after a safe point tokenizes as it does within the whole,
+and encoding chunk by chunk gives exactly the ids of whole documents (a hypothesis test checks
+this). A document with no safe point is kept whole.
+
+BPE runs on all cores (a process pool fed with ~1 MB tasks, results taken in order); characters are
+encoded in-process with a vectorized lookup. ``<|endoftext|>`` separates documents when the
+tokenizer has it (the char tokenizer has none). The first ``1 - val_fraction`` of the tokens is the
+training split, the rest validation. Ids are uint16, or uint32 when the vocabulary exceeds 65,536.
 """
 import glob
 import json
@@ -19,68 +31,91 @@ import regex
 __all__ = ["prepare", "list_inputs", "iter_documents"]
 
 CHUNK_CHARS = 1 << 20
-_SAFE_CUT = regex.compile(r"(?<=\S)(?=\n)")  # between a non-space character and a newline
+_SAFE_CUT = regex.compile(r"(?<=\p{L})(?=[\r\n])|(?<=\S\n)(?=\S)")   # see the module docstring
 
 
 def list_inputs(inputs):
     """The .txt/.jsonl files named by ``inputs`` (paths, directories or globs), in sorted order."""
-    if isinstance(inputs, str):
+    if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     files = []
-    for item in inputs:
-        if os.path.isdir(item):
+    for item in map(str, inputs):
+        if os.path.isfile(item):
+            found = [item]
+        elif os.path.isdir(item):
             found = sorted(glob.glob(os.path.join(item, "**", "*.txt"), recursive=True)
                            + glob.glob(os.path.join(item, "**", "*.jsonl"), recursive=True))
-        elif os.path.isfile(item):
-            found = [item]
         else:
-            found = sorted(glob.glob(item, recursive=True))
-        found = [f for f in found if f.endswith((".txt", ".jsonl"))] if not os.path.isfile(item) else found
+            found = [f for f in sorted(glob.glob(item, recursive=True)) if f.endswith((".txt", ".jsonl"))]
         if not found:
-            raise FileNotFoundError(f"no .txt or .jsonl input found at {item!r}")
+            raise FileNotFoundError(f"no .txt or .jsonl input found at {item!r}: give a file, a directory "
+                                    f"or a glob such as 'data/*.txt'")
         files += found
     return files
 
 
-def _chunks(text_stream):
-    """Cut a stream of text pieces into ~CHUNK_CHARS chunks at safe points (see module docstring)."""
+def _read_txt(path):
+    with open(path, encoding="utf-8", newline="") as f:    # newline="": keep \r\n as written
+        try:
+            while True:
+                block = f.read(CHUNK_CHARS)
+                if not block:
+                    return
+                yield block
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+
+
+def iter_documents(files):
+    """Yield, per document, an iterator of its text pieces (a .txt file is read 1 MB at a time)."""
+    for path in files:
+        if not path.endswith(".jsonl"):
+            yield _read_txt(path)
+            continue
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                    if not isinstance(text, str):
+                        raise TypeError
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{n}: each line must be a JSON object with a 'text' string") from None
+                yield iter([text])
+
+
+def _chunks(pieces):
+    """Re-cut a stream of text pieces into ~CHUNK_CHARS chunks at safe points (module docstring)."""
     buf = ""
-    for piece in text_stream:
+    for piece in pieces:
         buf += piece
         while len(buf) > CHUNK_CHARS:
-            cut = None
-            for m in _SAFE_CUT.finditer(buf, CHUNK_CHARS // 2):
-                cut = m.start()
-                break
-            if cut is None:
-                break
-            yield buf[:cut]
-            buf = buf[cut:]
+            m = _SAFE_CUT.search(buf, CHUNK_CHARS // 2)
+            if m is None:
+                break                                   # no safe point yet: read on
+            yield buf[:m.start()]
+            buf = buf[m.start():]
     if buf:
         yield buf
 
 
-def iter_documents(files):
-    """Yield, per document, an iterator of its text pieces (read 1 MB at a time for .txt)."""
-    for path in files:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield iter([json.loads(line)["text"]])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{path}:{n}: each line must be a JSON object with a 'text' field") from None
-        else:
-            def read(p=path):
-                with open(p, encoding="utf-8") as f:
-                    while True:
-                        block = f.read(CHUNK_CHARS)
-                        if not block:
-                            return
-                        yield block
-            yield read()
+def _tasks(files, eot):
+    """Lists of work items of ~CHUNK_CHARS characters in all: text chunks, and None where
+    ``<|endoftext|>`` goes between documents (omitted when ``eot`` is None)."""
+    task, size, first = [], 0, True
+    for doc in iter_documents(files):
+        if not first and eot is not None:
+            task.append(None)
+        first = False
+        for chunk in _chunks(doc):
+            task.append(chunk)
+            size += len(chunk)
+            if size >= CHUNK_CHARS:
+                yield task
+                task, size = [], 0
+    if task:
+        yield task
 
 
 _worker_tok = None
@@ -92,88 +127,103 @@ def _init_worker(name):
     _worker_tok = tokenizer_from_name(name)
 
 
-def _encode_chunk(chunk):
-    """Ids of one chunk; None stands for a document boundary and becomes ``<|endoftext|>``."""
-    if chunk is None:
-        return np.asarray([_worker_tok.eot_token], dtype=np.uint32)
-    return np.asarray(_worker_tok.encode_ordinary(chunk), dtype=np.uint32)
+def _encode_task(task, tok=None):
+    """(uint32 ids, UTF-8 bytes covered) of one task; None items become ``<|endoftext|>``."""
+    tok = tok or _worker_tok
+    ids, nbytes = [], 0
+    for item in task:
+        if item is None:
+            ids.append(tok.eot_token)
+        else:
+            ids += tok.encode_ordinary(item)
+            nbytes += len(item.encode("utf-8", errors="surrogatepass"))
+    return np.asarray(ids, dtype=np.uint32), nbytes
 
 
-def _tagged_chunks(files, eot):
-    """(chunk text or None for a document boundary) over all documents."""
-    first = True
+def _char_vocabulary(files):
+    """The sorted distinct characters of all inputs (a first streaming pass)."""
+    chars = set()
     for doc in iter_documents(files):
-        if not first and eot is not None:
-            yield None
-        first = False
-        yield from _chunks(doc)
+        for piece in doc:
+            chars.update(piece)
+    return sorted(chars)
 
 
 def prepare(inputs, out_dir, tokenizer="char", val_fraction=0.1, workers=None, progress=True):
     """Tokenize ``inputs`` into ``out_dir``/{train,val}.bin and meta.json; returns the meta dict.
 
-    tokenizer: "char" (vocabulary = the sorted characters of the input), "gpt2", or the path of a
-    tokenizer saved by ``RegexTokenizer.save``.
+    inputs: a path, directory or glob (or a list of them) of .txt/.jsonl files.
+    tokenizer: "char" (vocabulary = the sorted characters of the input, no eot), "gpt2", or the path
+    of a tokenizer saved by ``RegexTokenizer.save``. workers: processes for BPE (default: all cores).
+    meta: tokenizer, vocab_size, dtype, train_tokens, val_tokens, inputs (+ chars for "char").
     """
     from .tokenizer import CharTokenizer, tokenizer_from_name
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     files = list_inputs(inputs)
-    os.makedirs(out_dir, exist_ok=True)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="tokenizing")
     if tokenizer == "char":
-        chars = set()
-        for doc in iter_documents(files):
-            for piece in doc:
-                chars.update(piece)
-        if not chars:
+        tok = CharTokenizer(_char_vocabulary(files))
+        if tok.n_vocab == 0:
             raise ValueError(f"the input {inputs!r} is empty")
-        tok = CharTokenizer(sorted(chars))
         meta = {"tokenizer": "char", "chars": tok.chars}
-        encoded = (np.asarray(tok.encode(c), dtype=np.uint32) for c in _tagged_chunks(files, None))
-        pool = None
     else:
         try:
             tok = tokenizer_from_name(tokenizer)
         except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"unknown tokenizer {tokenizer!r}: use 'char', 'gpt2' or a saved tokenizer file ({e})") from None
+            raise ValueError(f"unknown tokenizer {tokenizer!r}: use 'char', 'gpt2' or the path of a saved "
+                             f"tokenizer ({e})") from None
         meta = {"tokenizer": tokenizer if tokenizer == "gpt2" else os.path.abspath(tokenizer)}
-        eot = tok.eot_token
-        pool = multiprocessing.get_context("spawn").Pool(workers or os.cpu_count(), _init_worker, (tokenizer,))
-        encoded = pool.imap(_encode_chunk, _tagged_chunks(files, eot))   # in order, all cores
-    vocab = tok.n_vocab
-    dtype = np.uint16 if vocab <= 65536 else np.uint32
-    tmp = os.path.join(out_dir, "all.bin.tmp")
+    dtype = np.uint16 if tok.n_vocab <= 1 << 16 else np.uint32
+    total = sum(os.path.getsize(f) for f in files)
+    workers = workers or os.cpu_count() or 1
+    pool = None
+    tasks = _tasks(files, tok.eot_token)
+    if tokenizer == "char":
+        encoded = ((tok.encode_array(c), len(c.encode("utf-8", errors="surrogatepass")))
+                   for task in tasks for c in task)
+    elif workers > 1 and total > 2 * CHUNK_CHARS:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
+        encoded = pool.imap(_encode_task, tasks)    # in order; the task pipe bounds what is read ahead
+    else:
+        encoded = (_encode_task(t, tok) for t in tasks)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing ({meta['tokenizer']})")
+    os.makedirs(out_dir, exist_ok=True)
+    train_path, val_path = os.path.join(out_dir, "train.bin"), os.path.join(out_dir, "val.bin")
     n = 0
     try:
-        with open(tmp, "wb") as f:
-            for ids in encoded:
+        with open(train_path, "wb") as f:           # all ids first; the tail moves to val.bin below
+            for ids, nbytes in encoded:
                 ids.astype(dtype).tofile(f)
                 n += len(ids)
-                if bar is not None:  # bytes done, approximately (a GPT-2 token is ~3.5 bytes of English)
-                    bar.update(int(len(ids) * (1 if tokenizer == "char" else 3.5)))
+                if bar is not None:
+                    bar.update(min(nbytes, bar.total - bar.n))
     finally:
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.terminate()
         if bar is not None:
+            bar.update(bar.total - bar.n)
             bar.close()
     if n < 2:
-        os.remove(tmp)
-        raise ValueError(f"the input {inputs!r} has fewer than 2 tokens")
+        os.remove(train_path)
+        raise ValueError(f"the input {inputs!r} has {n} tokens: at least 2 are needed for a train/val split")
     n_train = int(n * (1 - val_fraction))
-    all_ids = np.memmap(tmp, dtype=dtype, mode="r")
-    for name, part in (("train", all_ids[:n_train]), ("val", all_ids[n_train:])):
-        with open(os.path.join(out_dir, f"{name}.bin"), "wb") as f:
-            for i in range(0, len(part), 1 << 24):
-                np.asarray(part[i:i + (1 << 24)]).tofile(f)
-    del all_ids
-    os.remove(tmp)
-    meta.update({"vocab_size": vocab, "dtype": np.dtype(dtype).name, "train_tokens": n_train,
-                 "val_tokens": n - n_train, "inputs": files})
+    itemsize = np.dtype(dtype).itemsize
+    with open(train_path, "r+b") as f:
+        f.seek(n_train * itemsize)
+        with open(val_path, "wb") as g:             # copy the validation tail in 16 MB blocks
+            while True:
+                block = f.read(1 << 24)
+                if not block:
+                    break
+                g.write(block)
+        f.truncate(n_train * itemsize)
+    meta.update({"vocab_size": tok.n_vocab, "dtype": np.dtype(dtype).name, "train_tokens": n_train,
+                 "val_tokens": n - n_train, "inputs": [os.path.abspath(f) for f in files]})
+    if tok.eot_token is not None:
+        meta["eot_token"] = tok.eot_token
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f)
+        json.dump(meta, f, indent=1)
     return meta

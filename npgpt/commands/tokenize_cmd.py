@@ -1,35 +1,50 @@
-"""``npgpt tokenize`` and ``npgpt train-tokenizer``."""
+"""``npgpt tokenize`` (show ids and pieces, or decode ids) and ``npgpt train-tokenizer``."""
+import argparse
 import sys
 
 
 def register(sub):
     p = sub.add_parser("tokenize", help="show the GPT-2 (or a saved) tokenization of text, or decode ids",
                        description='npgpt tokenize "Hello world"      prints ids and pieces\n'
-                                   'npgpt tokenize --decode 15496 11   prints the text of ids',
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                                   'npgpt tokenize --decode 15496 11   prints the text of ids\n'
+                                   'With no text, reads standard input.',
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="*", help="text to encode (or ids with --decode)")
     p.add_argument("--decode", action="store_true", help="treat the arguments as token ids and decode them")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (default) or a saved tokenizer file")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (default) or a saved tokenizer file (.json/.tiktoken)")
     p.set_defaults(func=run_tokenize)
 
-    t = sub.add_parser("train-tokenizer", help="train a byte-level BPE vocabulary on text files")
+    t = sub.add_parser("train-tokenizer", help="train a byte-level BPE vocabulary on text files",
+                       description="Learn a byte-level BPE vocabulary (GPT-2 pre-tokenization by default) "
+                                   "and save it as readable JSON (PATH.json) or tiktoken ranks (PATH.tiktoken).")
     t.add_argument("input", nargs="+", help="text files (.txt/.jsonl), directories or globs")
-    t.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size (>= 256)")
+    t.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size, specials included (>= 257)")
     t.add_argument("--out", required=True, help="where to save: PATH.json (readable) or PATH.tiktoken")
-    t.add_argument("--pattern", default="gpt2", help="pre-tokenizer: gpt2, gpt4, none, or a regex")
-    t.add_argument("--special", action="append", default=["<|endoftext|>"],
+    t.add_argument("--pattern", default="gpt2", help="pre-tokenizer: gpt2 (default), gpt4, none, or a regex")
+    t.add_argument("--special", action="append", default=None, metavar="TOKEN",
                    help="special token (repeatable; default <|endoftext|>)")
     t.set_defaults(func=run_train_tokenizer)
 
 
-def _load(name):
-    from ..tokenizer import tokenizer_from_name
-    return tokenizer_from_name(name)
+def _fail(cmd, e):
+    print(f"npgpt {cmd}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _piece(tok, i):
+    """A token shown as a quoted string, or as bytes when it is part of a UTF-8 character."""
+    data = tok.encoding.decode_bytes([i]) if hasattr(tok, "encoding") else (
+        tok.decode_bytes([i]) if hasattr(tok, "decode_bytes") else tok.decode([i]).encode())
+    try:
+        return repr(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(data)
 
 
 def run_tokenize(args):
+    from ..tokenizer import tokenizer_from_name
     try:
-        tok = _load(args.tokenizer)
+        tok = tokenizer_from_name(args.tokenizer)
         if args.decode:
             try:
                 ids = [int(x) for x in args.text]
@@ -40,30 +55,37 @@ def run_tokenize(args):
         text = " ".join(args.text) if args.text else sys.stdin.read()
         ids = tok.encode(text, allowed_special="all")
     except (ValueError, FileNotFoundError) as e:
-        print(f"npgpt tokenize: error: {e}", file=sys.stderr)
-        return 2
+        return _fail("tokenize", e)
     print(" ".join(map(str, ids)))
-    print(" | ".join(repr(tok.decode([i]))[1:-1] for i in ids))
-    print(f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes")
+    print(" | ".join(_piece(tok, i) for i in ids))
+    print(f"{len(ids)} tokens, {len(text.encode('utf-8', errors='replace'))} bytes")
     return 0
 
 
 def run_train_tokenizer(args):
     import time
+    import regex
     from ..prepare import list_inputs, iter_documents
     from ..tokenizer import BasicTokenizer, RegexTokenizer
+    specials = list(dict.fromkeys(args.special or ["<|endoftext|>"]))
     try:
         files = list_inputs(args.input)
-        if args.vocab_size < 256 + len(args.special):
-            raise ValueError(f"--vocab-size must be at least {256 + len(args.special)}")
+        if args.vocab_size < 257 + len(specials):
+            raise ValueError(f"--vocab-size must be at least {257 + len(specials)} "
+                             f"(256 bytes + {len(specials)} special + 1 merge)")
+        tok = BasicTokenizer() if args.pattern == "none" else RegexTokenizer(args.pattern)
+        # all documents as one text, joined by newlines
         text = "\n".join("".join(doc) for doc in iter_documents(files))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"npgpt train-tokenizer: error: {e}", file=sys.stderr)
-        return 2
-    tok = BasicTokenizer() if args.pattern == "none" else RegexTokenizer(args.pattern)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return _fail("train-tokenizer", e)
+    except regex.error as e:
+        return _fail("train-tokenizer", f"bad --pattern regex: {e}")
     t0 = time.time()
-    tok.train(text, args.vocab_size, special_tokens=list(dict.fromkeys(args.special)))
-    tok.save(args.out)
-    print(f"trained {tok.n_vocab} tokens on {len(text.encode('utf-8')):,} bytes in {time.time() - t0:.1f} s; "
-          f"saved {args.out}")
+    tok.train(text, args.vocab_size, special_tokens=specials)
+    try:
+        tok.save(args.out)
+    except OSError as e:
+        return _fail("train-tokenizer", e)
+    print(f"trained {tok.n_vocab} tokens ({len(tok.merges)} merges) on {len(text.encode('utf-8')):,} bytes "
+          f"in {time.time() - t0:.1f} s; saved {args.out}")
     return 0

@@ -15,9 +15,13 @@ __all__ = ["Encoding", "GPT2_PATTERN", "GPT4_PATTERN", "get_encoding", "load_tik
 
 
 def tokenizer_from_name(name):
-    """"gpt2" or a path to a saved tokenizer (.json / .tiktoken)."""
+    """"gpt2" or the path of a saved tokenizer (.json / .tiktoken, see ``load_tokenizer``)."""
+    import os
     if name == "gpt2":
         return get_encoding("gpt2")
+    if not os.path.isfile(str(name)):
+        raise ValueError(f"unknown tokenizer {name!r}: use 'gpt2' or the path of a tokenizer saved by "
+                         f"RegexTokenizer.save / npgpt train-tokenizer (.json or .tiktoken)")
     return load_tokenizer(name)
 
 

@@ -202,15 +202,25 @@ def _merges_from_ranks(ranks):
         return None
     merges = []
     for i in range(256, len(by_id)):
-        b = by_id[i]
-        for k in range(1, len(b)):                  # any split into two earlier tokens spells b
-            left, right = ranks.get(b[:k]), ranks.get(b[k:])
-            if left is not None and right is not None and left < i and right < i:
-                merges.append((left, right))
-                break
-        else:
+        pair = _recover_merge(by_id[i], ranks, i)
+        if pair is None:
             return None
+        merges.append(pair)
     return merges
+
+
+def _recover_merge(token, ranks, i):
+    """The pair that made token ``i``: BPE-encode its bytes with the tokens before it (ids < i); a
+    vocabulary learned by BPE leaves exactly two parts (any other split spells the same bytes but
+    would change the merge order)."""
+    parts = [token[k:k + 1] for k in range(len(token))]
+    while len(parts) > 2:
+        best = min(((ranks.get(parts[k] + parts[k + 1], i), k) for k in range(len(parts) - 1)))
+        if best[0] >= i:
+            return None
+        k = best[1]
+        parts[k:k + 2] = [parts[k] + parts[k + 1]]
+    return (ranks[parts[0]], ranks[parts[1]]) if len(parts) == 2 else None
 
 
 def load_tokenizer(path):
