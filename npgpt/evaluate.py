@@ -220,7 +220,8 @@ def multiple_choice(model, tok, items, normalize="sum", progress=False):
         it = tqdm(items, unit="item", dynamic_ncols=True, desc="multiple choice")
     preds, scores, correct = [], [], 0
     for item in it:
-        s = [ll if normalize == "sum" else ll / n for ll, n in score_choices(model, tok, item["context"], item["choices"])]
+        scored = score_choices(model, tok, item["context"], item["choices"])
+        s = [ll if normalize == "sum" else ll / n for ll, n in scored]
         p = int(np.argmax(s))
         preds.append(p)
         scores.append(s)

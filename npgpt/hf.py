@@ -108,7 +108,8 @@ def _weight_files(path):
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(path, s) for s in shards]
-    pickles = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if os.path.exists(os.path.join(path, n))]
+    pickles = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
+               if os.path.exists(os.path.join(path, n))]
     found = f" (found only {', '.join(pickles)})" if pickles else ""
     hint = f"; {_CONVERT_HINT.format(d=path)}" if "pytorch_model.bin" in pickles else ""
     raise HFCheckpointError(f"{path} has no {WEIGHTS_NAME}{found}: safetensors weights are required, since "
