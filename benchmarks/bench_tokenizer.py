@@ -1,25 +1,35 @@
-"""GPT-2 BPE encode throughput vs tiktoken, and BPE training vs Hugging Face tokenizers, side by side,
-single thread, on the bundled 5 MB Shakespeare.
+"""GPT-2 BPE encode throughput vs tiktoken, and BPE training vs Hugging Face ``tokenizers``, side by side in
+one run, single thread, on the bundled 5 MB Shakespeare.
 
-    python benchmarks/bench_tokenizer.py [--vocab-size 8192] [--repeat 3]
+    PYTHONPATH=. python benchmarks/bench_tokenizer.py [--vocab-size 8192] [--repeat 3] [--write-results]
 
-Encode: cold (fresh per-pre-token cache) and warm (cache filled by an earlier run), MB/s, with a
-byte-exact check of the ids. Training: seconds to learn an 8,192-token vocabulary.
+Encode: ``encode_ordinary`` of the whole corpus, best of ``--repeat``. "Cold" starts each run from a
+fresh per-pre-token cache (the fair comparison: tiktoken keeps no cache); "warm" reuses the cache of
+an earlier run. The ids are checked byte-exact against tiktoken's. Training: seconds to learn a
+``--vocab-size`` vocabulary (256 bytes + merges) from the raw text, ours with GPT-2's pre-tokenizer,
+HF's BpeTrainer with its ByteLevel pre-tokenizer (the same GPT-2 regex), both single-threaded.
+``--write-results`` replaces the ``## Tokenizer`` section of benchmarks/RESULTS.md.
 """
 import argparse
 import os
+import platform
+import subprocess
 import time
 
-os.environ.setdefault("RAYON_NUM_THREADS", "1")      # tokenizers / tiktoken thread pools: one thread
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["RAYON_NUM_THREADS"] = "1"               # tokenizers / tiktoken thread pools: one thread
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from npgpt.data import bundled_corpus_path  # noqa: E402
-from npgpt.tokenizer import Encoding, GPT2_PATTERN, RegexTokenizer, get_encoding, load_tiktoken_bpe  # noqa: E402
+from npgpt.tokenizer import (Encoding, GPT2_PATTERN, RegexTokenizer, bytes_to_unicode,  # noqa: E402
+                             load_tiktoken_bpe)
 from npgpt.tokenizer.loading import ASSETS  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def best(fn, repeat):
-    times = []
+    """(fastest wall time of ``repeat`` calls, the last result)."""
+    times, out = [], None
     for _ in range(repeat):
         t = time.perf_counter()
         out = fn()
@@ -27,54 +37,104 @@ def best(fn, repeat):
     return min(times), out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
-    text = open(bundled_corpus_path()).read()
-    mb = len(text.encode()) / 1e6
-    ranks_path = os.path.join(ASSETS, "gpt2.tiktoken")
-
-    def cold():
-        return Encoding("gpt2", GPT2_PATTERN, load_tiktoken_bpe(ranks_path), {"<|endoftext|>": 50256})
-    encs = [cold() for _ in range(args.repeat)]
-    t_cold, ours = best(lambda: encs.pop().encode_ordinary(text), args.repeat)
-    enc = get_encoding("gpt2")
-    enc.encode_ordinary(text)
-    t_warm, _ = best(lambda: enc.encode_ordinary(text), args.repeat)
-    print(f"corpus {mb:.2f} MB, {len(ours):,} GPT-2 tokens")
-    print(f"{'encode':24s} {'seconds':>8s} {'MB/s':>7s}")
-    print(f"{'npgpt (cold cache)':24s} {t_cold:8.3f} {mb / t_cold:7.2f}")
-    print(f"{'npgpt (warm cache)':24s} {t_warm:8.3f} {mb / t_warm:7.2f}")
+def bench_encode(text, repeat):
+    """Rows (name, seconds) and a summary line for encoding ``text``."""
+    ranks = load_tiktoken_bpe(os.path.join(ASSETS, "gpt2.tiktoken"))
+    fresh = [Encoding("gpt2", GPT2_PATTERN, ranks, {"<|endoftext|>": 50256}) for _ in range(repeat)]
+    t_cold, ours = best(lambda: fresh.pop().encode_ordinary(text), repeat)
+    warm = Encoding("gpt2", GPT2_PATTERN, ranks, {"<|endoftext|>": 50256})
+    warm.encode_ordinary(text)
+    t_warm, ours_warm = best(lambda: warm.encode_ordinary(text), repeat)
+    rows = [("npgpt, cold cache", t_cold), ("npgpt, warm cache", t_warm)]
     try:
         import tiktoken
         import tiktoken.load
         from tiktoken_ext.openai_public import r50k_pat_str
-        ref = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(ranks_path),
-                                special_tokens={"<|endoftext|>": 50256})
-        t_tk, theirs = best(lambda: ref.encode_ordinary(text), args.repeat)
-        print(f"{'tiktoken':24s} {t_tk:8.3f} {mb / t_tk:7.2f}")
-        print(f"byte-exact: {ours == theirs}; ratio npgpt/tiktoken MB/s: cold {t_tk / t_cold:.2f}x, "
-              f"warm {t_tk / t_warm:.2f}x (target >= 0.5x)")
     except ImportError:
-        print("(tiktoken not installed: no encode comparison)")
+        return rows, f"{len(ours):,} tokens (tiktoken not installed: no comparison)", None
+    ref = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": 50256},
+                            mergeable_ranks=tiktoken.load.load_tiktoken_bpe(os.path.join(ASSETS, "gpt2.tiktoken")))
+    t_tk, theirs = best(lambda: ref.encode_ordinary(text), repeat)
+    rows.append((f"tiktoken {tiktoken.__version__}", t_tk))
+    exact = ours == theirs and ours_warm == theirs
+    summary = (f"{len(ours):,} tokens, byte-exact with tiktoken: {exact}; npgpt/tiktoken throughput: "
+               f"cold {t_tk / t_cold:.2f}x, warm {t_tk / t_warm:.2f}x (target >= 0.5x)")
+    return rows, summary, t_tk / t_cold
 
-    t_ours, tok = best(lambda: RegexTokenizer("gpt2").train(text, args.vocab_size), 1)
-    print(f"\n{'train vocab ' + str(args.vocab_size):24s} {'seconds':>8s}")
-    print(f"{'npgpt RegexTokenizer':24s} {t_ours:8.2f}")
+
+def bench_train(text, vocab_size, repeat):
+    """Rows (name, seconds) and a summary line for learning a ``vocab_size`` vocabulary."""
+    t_ours, tok = best(lambda: RegexTokenizer("gpt2").train(text, vocab_size), repeat)
+    rows = [("npgpt RegexTokenizer", t_ours)]
     try:
-        from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+        import tokenizers
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    except ImportError:
+        return rows, "(tokenizers not installed: no comparison)", None
+
+    def hf_train():
         hf = Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
-        t_hf, _ = best(lambda: hf.train_from_iterator([text], trainer), 1)
-        print(f"{'HF tokenizers BpeTrainer':24s} {t_hf:8.2f}")
-        print(f"ratio npgpt/HF time: {t_ours / t_hf:.2f}x (target <= 5x)")
-    except ImportError:
-        print("(tokenizers not installed: no training comparison)")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator([text], trainer)
+        return hf
+    t_hf, hf = best(hf_train, repeat)
+    rows.append((f"HF tokenizers {tokenizers.__version__} BpeTrainer", t_hf))
+    inverse = {c: b for b, c in bytes_to_unicode().items()}
+    hf_tokens = {bytes(inverse[c] for c in s) for s in hf.get_vocab()}
+    shared = len(hf_tokens & set(tok.vocab.values()))
+    summary = (f"vocabularies: {len(tok.vocab)} (ours) and {len(hf_tokens)} (HF) tokens, {shared} in common; "
+               f"npgpt/HF time: {t_ours / t_hf:.2f}x (target <= 5x)")
+    return rows, summary, t_ours / t_hf
+
+
+def table(title, rows, mb=None):
+    lines = [f"| {title} | seconds |" + (" MB/s |" if mb else ""), "|---|---:|" + ("---:|" if mb else "")]
+    for name, t in rows:
+        lines.append(f"| {name} | {t:.3f} |" + (f" {mb / t:.2f} |" if mb else ""))
+    return lines
+
+
+def write_results(lines):
+    """Replace (or append) the ``## Tokenizer`` section of RESULTS.md, leaving other sections alone."""
+    old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    parts, out, skipping = old.splitlines(), [], False
+    for line in parts:
+        if line.startswith("## "):
+            skipping = line.strip() == "## Tokenizer"
+            if skipping:
+                continue
+        if not skipping:
+            out.append(line)
+    text = "\n".join(out).rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    with open(RESULTS, "w") as f:
+        f.write(text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--repeat", type=int, default=3, help="best of N for encoding (training: best of 2)")
+    ap.add_argument("--write-results", action="store_true", help="write the ## Tokenizer section of RESULTS.md")
+    args = ap.parse_args()
+    text = open(bundled_corpus_path(), encoding="utf-8").read()
+    mb = len(text.encode("utf-8")) / 1e6
+    enc_rows, enc_summary, _ = bench_encode(text, args.repeat)
+    train_rows, train_summary, _ = bench_train(text, args.vocab_size, min(args.repeat, 2))
+    date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+    lines = ["## Tokenizer", "",
+             f"`PYTHONPATH=. python benchmarks/bench_tokenizer.py --write-results` on {date}; machine: "
+             f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), Python "
+             f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} (other jobs shared the cores), "
+             f"single thread, corpus `npgpt/data/shakespeare.txt` ({mb:.2f} MB). "
+             f"Best of {args.repeat} (training: best of {min(args.repeat, 2)}).", ""]
+    lines += table("GPT-2 encode (`encode_ordinary`, whole corpus)", enc_rows, mb) + ["", enc_summary, ""]
+    lines += table(f"train a {args.vocab_size:,}-token vocabulary", train_rows) + ["", train_summary]
+    print("\n".join(lines))
+    if args.write_results:
+        write_results(lines)
+        print(f"\nwrote the ## Tokenizer section of {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,13 @@ def test_parity_block_cuts(ref, s):
         encoding_mod._BLOCK_CHARS = old
 
 
+def test_small_cache_gives_the_same_ids(monkeypatch):
+    monkeypatch.setattr(encoding_mod, "_CACHE_MAX", 50)      # the cache empties itself many times
+    fresh = encoding_mod.Encoding("gpt2", GPT2_PATTERN, ENC.mergeable_ranks, ENC.special_tokens)
+    text = open(bundled_corpus_path(), encoding="utf-8").read()[:60_000]
+    assert fresh.encode_ordinary(text) == ENC.encode_ordinary(text) and len(fresh._cache) <= 50
+
+
 def test_surrogates_like_tiktoken(ref):
     for s in ["lone \ud800 high", "low \udc00", "pair \ud83e\udd16 split", "\udfff"]:
         assert ENC.encode_ordinary(s) == ref.encode_ordinary(s) == ENC.encode(s)

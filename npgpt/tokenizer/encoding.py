@@ -40,6 +40,7 @@ _GPT2_CUT = regex.compile(r"(?<=\S)(?=\s)")
 _BLOCK_CHARS = 1 << 14
 _CACHE_MAX = 500_000
 _NONE = float("inf")
+_BYTES = [bytes([b]) for b in range(256)]
 
 
 @functools.lru_cache(maxsize=16)
@@ -69,22 +70,22 @@ def pretokenize(text, pattern=GPT2_PATTERN):
 def bpe_merge(piece, ranks):
     """Token ids of one pre-token ``piece`` (bytes) under ``ranks`` (bytes -> id), lowest rank first.
 
-    ``pair_ranks[i]`` is the rank of parts[i] + parts[i+1] (inf if not a token); after a merge only
-    the two pairs touching the merged part change."""
-    parts = [piece[i:i + 1] for i in range(len(piece))]
+    ``pair_ranks[i]`` is the rank of parts[i] + parts[i+1] (inf if that is not a token); a merge
+    changes only the two pairs touching the merged part. Among equal ranks (the same token twice)
+    the leftmost pair merges first, as in tiktoken."""
+    parts = [_BYTES[c] for c in piece]
     get = ranks.get
-    pair_ranks = [get(parts[i] + parts[i + 1], _NONE) for i in range(len(parts) - 1)]
-    while pair_ranks:
-        best = min(pair_ranks)
-        if best == _NONE:
-            break
-        i = pair_ranks.index(best)                   # leftmost pair of the lowest rank
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    pair_ranks = [get(a + b, _NONE) for a, b in zip(parts, parts[1:])]
+    best = min(pair_ranks, default=_NONE)
+    while best != _NONE:
+        i = pair_ranks.index(best)
+        parts[i] += parts.pop(i + 1)
         del pair_ranks[i]
-        if i < len(parts) - 1:
+        if i < len(pair_ranks):
             pair_ranks[i] = get(parts[i] + parts[i + 1], _NONE)
-        if i > 0:
+        if i:
             pair_ranks[i - 1] = get(parts[i - 1] + parts[i], _NONE)
+        best = min(pair_ranks, default=_NONE)
     return [ranks[p] for p in parts]
 
 
@@ -135,20 +136,26 @@ class Encoding:
 
     # ---- encoding ----------------------------------------------------------------------------------
     def _bpe(self, piece):
-        """Ids of one pre-token (str), through the cache."""
+        """Ids of one pre-token (str), stored in the cache (emptied when it reaches _CACHE_MAX)."""
         b = piece.encode("utf-8")                    # a lone surrogate raises: see encode_ordinary
         r = self.mergeable_ranks.get(b)              # a whole pre-token that is a token: no merging
         ids = (r,) if r is not None else tuple(bpe_merge(b, self.mergeable_ranks))
-        if len(self._cache) < _CACHE_MAX:
-            self._cache[piece] = ids
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[piece] = ids
         return ids
 
     def _encode_ordinary(self, text):
-        get, out = self._cache.get, []
+        cache, out = self._cache, []
+        get = cache.get
         for pieces in pretokenize(text, self.pattern):
-            ids = list(map(get, pieces))
+            ids = list(map(get, pieces))             # most pre-tokens repeat: one lookup each
             if None in ids:
-                ids = [t if t is not None else self._bpe(p) for t, p in zip(ids, pieces)]
+                for p in set(pieces).difference(cache):   # each new pre-token once
+                    self._bpe(p)
+                ids = list(map(get, pieces))
+                if None in ids:                      # the cache was emptied on the way
+                    ids = [t if t is not None else self._bpe(p) for t, p in zip(ids, pieces)]
             out.extend(itertools.chain.from_iterable(ids))
         return out
 
