@@ -5,13 +5,16 @@ import sys
 def register(sub):
     p = sub.add_parser("prepare", help="tokenize text into train.bin/val.bin for npgpt train",
                        description="Tokenize a file, directory or glob of .txt/.jsonl files into DIR/train.bin, "
-                                   "DIR/val.bin (uint16, uint32 above 65,535 tokens) and DIR/meta.json. "
-                                   "First 90%% of the tokens train, the rest validate.")
+                                   "DIR/val.bin (uint16 ids, uint32 when ids exceed 65,535) and DIR/meta.json. "
+                                   "A .txt file is one document, a .jsonl line one document (its 'text' "
+                                   "field); BPE tokenizers put <|endoftext|> between documents. The first "
+                                   "90%% of the tokens train, the last 10%% validate (--val-fraction).")
     p.add_argument("--input", nargs="+", default=None, help="inputs (default: the bundled Shakespeare)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default="char", help="char (default), gpt2, or a saved tokenizer file")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for val.bin (default 0.1)")
     p.add_argument("--workers", type=int, default=None, help="processes for BPE (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -20,8 +23,8 @@ def run(args):
     from ..prepare import prepare
     try:
         meta = prepare(args.input or [bundled_corpus_path()], args.out, tokenizer=args.tokenizer,
-                       val_fraction=args.val_fraction, workers=args.workers)
-    except (ValueError, FileNotFoundError, UnicodeDecodeError) as e:
+                       val_fraction=args.val_fraction, workers=args.workers, progress=not args.no_progress)
+    except (ValueError, OSError) as e:
         print(f"npgpt prepare: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "

@@ -1,10 +1,12 @@
 """Training a byte-level BPE vocabulary (Sennrich et al. 2016), incrementally.
 
 The text is pre-tokenized once and reduced to its unique pre-tokens with their frequencies
-(Shakespeare's 5 MB hold ~60k distinct pre-tokens). Pair counts are kept weighted by frequency,
-with an index pair -> words containing it, and a max-heap of counts. A merge rewrites only the
+(Shakespeare's 5 MB, 1.36M pre-tokens, hold 36k distinct ones). Pair counts are kept weighted by
+frequency, with an index pair -> words containing it, and a max-heap of (-count, pair) with lazy
+deletion (an entry whose count is out of date is skipped when popped). A merge rewrites only the
 words that contain the pair and updates only their pairs' counts, so each merge costs in
 proportion to where the pair occurs rather than to the corpus (minbpe recounts everything).
+Pairs are counted with overlaps ("aaa" holds (a, a) twice), as in minbpe and HF tokenizers.
 
 Ties: among pairs with equal counts the one with the smallest (left id, right id) is merged first.
 This reproduces Wikipedia's example: "aaabdaaabac" merges aa -> Z, then ab -> Y (ab ties with Za,
