@@ -18,7 +18,7 @@ this). A document with no safe point is kept whole.
 BPE runs on all cores (a process pool fed with ~1 MB tasks, results taken in order); characters are
 encoded in-process with a vectorized lookup. ``<|endoftext|>`` separates documents when the
 tokenizer has it (the char tokenizer has none). The first ``1 - val_fraction`` of the tokens is the
-training split, the rest validation. Ids are uint16, or uint32 when they exceed 65,535 (a vocabulary above 65,536).
+training split, the rest validation. Ids are uint16, or uint32 when they can exceed 65,535.
 """
 import glob
 import json
