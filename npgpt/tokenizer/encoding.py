@@ -148,11 +148,14 @@ class Encoding:
     def _encode_ordinary(self, text):
         cache, out = self._cache, []
         get = cache.get
+        expect_new = True                            # did the last block bring new pre-tokens?
         for pieces in pretokenize(text, self.pattern):
-            ids = list(map(get, pieces))             # most pre-tokens repeat: one lookup each
-            if None in ids:
-                for p in set(pieces).difference(cache):   # each new pre-token once
+            ids = None if expect_new else list(map(get, pieces))   # most pre-tokens repeat: one lookup
+            if ids is None or None in ids:
+                new = set(pieces).difference(cache)  # each new pre-token once, then look all up
+                for p in new:
                     self._bpe(p)
+                expect_new = bool(new)
                 ids = list(map(get, pieces))
                 if None in ids:                      # the cache was emptied on the way
                     ids = [t if t is not None else self._bpe(p) for t, p in zip(ids, pieces)]
@@ -202,9 +205,9 @@ class Encoding:
 
     # ---- decoding ----------------------------------------------------------------------------------
     def decode_bytes(self, ids):
-        """The bytes of a token sequence (special tokens included as their text)."""
+        """The bytes of a token sequence (ints or NumPy integers; special tokens as their text)."""
         try:
-            return b"".join(self.decoder[int(i)] for i in ids)
+            return b"".join(map(self.decoder.__getitem__, ids))
         except KeyError as e:
             raise ValueError(f"token id {e.args[0]} is not in the vocabulary (n_vocab={self.n_vocab})") from None
 
