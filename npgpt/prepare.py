@@ -28,7 +28,7 @@ import os
 import numpy as np
 import regex
 
-__all__ = ["prepare", "list_inputs", "iter_documents"]
+__all__ = ["prepare", "list_inputs", "iter_documents", "iter_chunks"]
 
 CHUNK_CHARS = 1 << 20
 _SAFE_CUT = regex.compile(r"(?<=\p{L})(?=[\r\n])|(?<=\S\n)(?=\S)")   # see the module docstring
@@ -98,6 +98,13 @@ def _chunks(pieces):
             buf = buf[m.start():]
     if buf:
         yield buf
+
+
+def iter_chunks(files):
+    """All documents of ``files`` as ~CHUNK_CHARS chunks cut at safe points (for training a tokenizer
+    without holding the corpus); a chunk never spans two documents."""
+    for doc in iter_documents(files):
+        yield from _chunks(doc)
 
 
 def _tasks(files, eot):

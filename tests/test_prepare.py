@@ -150,6 +150,14 @@ def test_cli_prepare_tokenize_train_tokenizer(tmp_path, capsys):
     _, ids = read_all(tmp_path / "o3")
     assert load_tokenizer_from_meta(str(tmp_path / "o3")).decode(ids.tolist()) == TEXT
     capsys.readouterr()
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "o"), "Speak"]) == 0      # the char data directory
+    chars = sorted(set(TEXT))
+    assert capsys.readouterr().out.splitlines()[0] == " ".join(str(chars.index(c)) for c in "Speak")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": TEXT}) + "\n" + json.dumps({"text": "Speak!"}) + "\n")
+    assert main(["train-tokenizer", str(tmp_path / "docs.jsonl"), "--vocab-size", "280", "--out",
+                 str(tmp_path / "t.tiktoken"), "--pattern", "gpt4"]) == 0
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "t.tiktoken"), "--decode", "83", "257"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("S")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -160,6 +160,8 @@ def test_special_tokens_like_tiktoken(ref):
                    dict(allowed_special={"not special"}, disallowed_special=())]:
             assert ENC.encode(s, **kw) == ref.encode(s, **kw), (s, kw)
         assert ENC.encode_batch([s, s], allowed_special="all") == ref.encode_batch([s, s], allowed_special="all")
+        batch = ENC.encode_ordinary_batch([s, s[:3]])
+        assert batch == ref.encode_ordinary_batch([s, s[:3]]) and ENC.decode_batch(batch) == [s, s[:3]]
 
 
 def test_decode_partial_utf8_replaces(ref):

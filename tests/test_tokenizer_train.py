@@ -51,6 +51,22 @@ def test_training_stops_when_no_pair_is_left():
     assert tok.special_tokens == {"<|endoftext|>": 258} and tok.n_vocab == 259 and tok.eot_token == 258
 
 
+def test_special_tokens_are_cut_out_of_the_training_text():
+    # with the special cut out, the pre-tokens are "ab", "ab", "x": one merge (a, b) (count 2), then
+    # no pair is left; left in, "<|endoftext|>" would contribute pairs such as (<, |) and (|, >).
+    tok = RegexTokenizer().train("ab<|endoftext|>ab<|endoftext|>x", 300, special_tokens=["<|endoftext|>"])
+    assert tok.merges == [(97, 98)] and tok.special_tokens == {"<|endoftext|>": 257}
+
+
+def test_training_on_safe_chunks_equals_training_on_the_whole(monkeypatch):
+    from npgpt import prepare as prep
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 500)
+    text = corpus(30_000)
+    chunks = list(prep._chunks(iter([text])))
+    assert len(chunks) > 20
+    assert RegexTokenizer().train_from_iterator(chunks, 500).merges == RegexTokenizer().train(text, 500).merges
+
+
 def test_vocab_size_too_small():
     with pytest.raises(ValueError, match="at least"):
         RegexTokenizer().train("abc", 256, special_tokens=["<|endoftext|>"])

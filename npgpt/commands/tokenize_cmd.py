@@ -11,7 +11,9 @@ def register(sub):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="*", help="text to encode (or ids with --decode)")
     p.add_argument("--decode", action="store_true", help="treat the arguments as token ids and decode them")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (default) or a saved tokenizer file (.json/.tiktoken)")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2 (default), a saved tokenizer file (.json/.tiktoken), or a prepared data directory "
+                        "(its meta.json names the tokenizer, e.g. char)")
     p.set_defaults(func=run_tokenize)
 
     t = sub.add_parser("train-tokenizer", help="train a byte-level BPE vocabulary on text files",
@@ -42,9 +44,13 @@ def _piece(tok, i):
 
 
 def run_tokenize(args):
-    from ..tokenizer import tokenizer_from_name
+    import os
+    from ..tokenizer import load_tokenizer_from_meta, tokenizer_from_name
     try:
-        tok = tokenizer_from_name(args.tokenizer)
+        if os.path.isfile(os.path.join(args.tokenizer, "meta.json")):
+            tok = load_tokenizer_from_meta(args.tokenizer)
+        else:
+            tok = tokenizer_from_name(args.tokenizer)
         if args.decode:
             try:
                 ids = [int(x) for x in args.text]
@@ -53,7 +59,7 @@ def run_tokenize(args):
             print(tok.decode(ids))
             return 0
         text = " ".join(args.text) if args.text else sys.stdin.read()
-        ids = tok.encode(text, allowed_special="all")
+        ids = tok.encode(text, allowed_special="all")     # the CLI shows special tokens as such
     except (ValueError, FileNotFoundError) as e:
         return _fail("tokenize", e)
     print(" ".join(map(str, ids)))
@@ -65,7 +71,7 @@ def run_tokenize(args):
 def run_train_tokenizer(args):
     import time
     import regex
-    from ..prepare import list_inputs, iter_documents
+    from ..prepare import list_inputs, iter_chunks
     from ..tokenizer import BasicTokenizer, RegexTokenizer
     specials = list(dict.fromkeys(args.special or ["<|endoftext|>"]))
     try:
@@ -74,18 +80,13 @@ def run_train_tokenizer(args):
             raise ValueError(f"--vocab-size must be at least {257 + len(specials)} "
                              f"(256 bytes + {len(specials)} special + 1 merge)")
         tok = BasicTokenizer() if args.pattern == "none" else RegexTokenizer(args.pattern)
-        # all documents as one text, joined by newlines
-        text = "\n".join("".join(doc) for doc in iter_documents(files))
-    except (ValueError, FileNotFoundError, OSError) as e:
+        t0 = time.time()
+        tok.train_from_iterator(iter_chunks(files), args.vocab_size, special_tokens=specials)  # streamed
+        tok.save(args.out)
+    except (ValueError, OSError) as e:
         return _fail("train-tokenizer", e)
     except regex.error as e:
         return _fail("train-tokenizer", f"bad --pattern regex: {e}")
-    t0 = time.time()
-    tok.train(text, args.vocab_size, special_tokens=specials)
-    try:
-        tok.save(args.out)
-    except OSError as e:
-        return _fail("train-tokenizer", e)
-    print(f"trained {tok.n_vocab} tokens ({len(tok.merges)} merges) on {len(text.encode('utf-8')):,} bytes "
-          f"in {time.time() - t0:.1f} s; saved {args.out}")
+    print(f"trained {tok.n_vocab} tokens ({len(tok.merges)} merges) on {len(files)} file(s) in "
+          f"{time.time() - t0:.1f} s; saved {args.out}")
     return 0

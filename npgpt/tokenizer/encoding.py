@@ -199,9 +199,13 @@ class Encoding:
         out += self.encode_ordinary(text[start:])
         return out
 
-    def encode_batch(self, texts, allowed_special=frozenset(), disallowed_special="all"):
-        """``[encode(t) for t in texts]`` (one thread: the cache is shared)."""
+    def encode_batch(self, texts, *, num_threads=None, allowed_special=frozenset(), disallowed_special="all"):
+        """``[encode(t) for t in texts]``; tiktoken's signature, but one thread (``num_threads`` is
+        accepted and ignored: pure Python gains nothing from threads, and the cache is shared)."""
         return [self.encode(t, allowed_special, disallowed_special) for t in texts]
+
+    def encode_ordinary_batch(self, texts, *, num_threads=None):
+        return [self.encode_ordinary(t) for t in texts]
 
     # ---- decoding ----------------------------------------------------------------------------------
     def decode_bytes(self, ids):
@@ -214,6 +218,9 @@ class Encoding:
     def decode(self, ids, errors="replace"):
         """The text of a token sequence; a partial UTF-8 character becomes U+FFFD (errors="replace")."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def decode_batch(self, batch, *, errors="replace", num_threads=None):
+        return [self.decode(ids, errors) for ids in batch]
 
     def decode_single_token_bytes(self, i):
         return self.decode_bytes([i])

@@ -19,7 +19,7 @@ import os
 
 import regex
 
-from .encoding import Encoding, GPT2_PATTERN, GPT4_PATTERN, pretokenize
+from .encoding import Encoding, GPT2_PATTERN, GPT4_PATTERN, _alternation, pretokenize
 from .loading import load_tiktoken_bpe, save_tiktoken_bpe
 
 __all__ = ["BasicTokenizer", "RegexTokenizer", "train_bpe", "load_tokenizer"]
@@ -107,19 +107,29 @@ class BasicTokenizer:
 
     def train(self, text, vocab_size, special_tokens=None, verbose=False):
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``; the special token
-        strings get the last ids. Returns self. Ties between equally frequent pairs go to the
-        smallest (left id, right id), see ``train_bpe``."""
+        strings get the last ids (and are cut out of the training text). Returns self. Ties between
+        equally frequent pairs go to the smallest (left id, right id), see ``train_bpe``."""
+        return self.train_from_iterator([text], vocab_size, special_tokens, verbose)
+
+    def train_from_iterator(self, texts, vocab_size, special_tokens=None, verbose=False):
+        """``train`` over an iterable of texts (documents, or chunks cut where no pre-token spans, as
+        ``npgpt.prepare.iter_chunks`` yields): only the pre-token counts are kept, never the corpus.
+        For BasicTokenizer each text is a separate sequence."""
         special_tokens = list(dict.fromkeys(special_tokens or []))
         num_merges = vocab_size - 256 - len(special_tokens)
         if num_merges < 0:
             raise ValueError(f"vocab_size must be at least 256 + {len(special_tokens)} special tokens")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:                  # lone surrogates: as Encoding.encode_ordinary does
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        cut_specials = _alternation(frozenset(special_tokens)).split if special_tokens else (lambda t: [t])
         counts = collections.Counter()
-        for pieces in self._pretokens(text):        # unique pre-tokens with their frequencies
-            counts.update(pieces)
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:              # lone surrogates: as Encoding.encode_ordinary does
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            for part in cut_specials(text):
+                for pieces in self._pretokens(part):    # unique pre-tokens with their frequencies
+                    counts.update(pieces)
+        counts.pop("", None)
         self.merges = train_bpe({p.encode("utf-8"): c for p, c in counts.items()}, num_merges, verbose)
         n = 256 + len(self.merges)
         self.special_tokens = {s: n + i for i, s in enumerate(special_tokens)}
