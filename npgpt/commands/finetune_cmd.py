@@ -208,7 +208,8 @@ def _instruct(args):
           f"{before['loglik_per_token']:.3f} before -> {ev['loglik_per_token']:.3f} after; "
           f"exact match {ev['exact_match']:.3f}")
     for task, r in ev["by_task"].items():
-        print(f"  {task:<10} n={r['n']:<4} exact match {r['exact_match']:.3f}  loglik/token {r['loglik_per_token']:.3f}")
+        print(f"  {task:<10} n={r['n']:<4} exact match {r['exact_match']:.3f}  "
+              f"loglik/token {r['loglik_per_token']:.3f}")
     for ex in test[:3]:
         print(f"--- {ex['instruction']} {ex['input']!r}\n    reference {ex['output']!r}\n"
               f"    model     {I.generate_response(gpt, tok, ex, args.max_new_tokens)!r}")

@@ -21,7 +21,8 @@ def load_pretrained(path, block_size=None):
     if block_size and block_size > conf["block_size"]:
         if conf.get("pos", "learned") != "sinusoidal":
             raise ValueError(f"the checkpoint learned positions only up to {conf['block_size']} tokens, "
-                             f"{block_size} were asked for: use shorter texts or pretrain with --block_size={block_size}")
+                             f"{block_size} were asked for: use shorter texts or pretrain with "
+                             f"--block_size={block_size}")
         conf["block_size"] = int(block_size)
     gpt = GPT(GPTConfig.from_dict(conf))
     gpt.load_state_dict(ckpt["model"])

@@ -19,7 +19,6 @@ import numpy as np
 from .. import backend
 from .. import functional as F
 from ..engine import Tensor, no_grad
-from ..model import GPT, GPTConfig
 from ..nn import Module, Linear
 from ..optim import AdamW, clip_grad_norm
 from .datasets import pad_batch

@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 from .. import backend
-from .. import functional as F
 from ..engine import no_grad
 from ..optim import AdamW, clip_grad_norm
 
