@@ -2,11 +2,12 @@
 
 The text is pre-tokenized once and reduced to its unique pre-tokens with their frequencies
 (Shakespeare's 5 MB, 1.36M pre-tokens, hold 36k distinct ones). Pair counts are kept weighted by
-frequency, with an index pair -> words containing it, and a max-heap of (-count, pair) with lazy
-deletion (an entry whose count is out of date is skipped when popped). A merge rewrites only the
-words that contain the pair and updates only their pairs' counts, so each merge costs in
-proportion to where the pair occurs rather than to the corpus (minbpe recounts everything).
-Pairs are counted with overlaps ("aaa" holds (a, a) twice), as in minbpe and HF tokenizers.
+frequency, with an index pair -> positions where it occurs, and a max-heap of (-count, pair) with
+lazy deletion (an entry whose count is out of date is skipped when popped). A merge visits only
+the positions of its pair and updates only the neighbouring pairs' counts, so each merge costs in
+proportion to how often the pair occurs rather than to the corpus (minbpe recounts everything).
+This holds for BasicTokenizer's single long sequence too. Pairs are counted with overlaps ("aaa"
+holds (a, a) twice), as in minbpe and HF tokenizers.
 
 Ties: among pairs with equal counts the one with the smallest (left id, right id) is merged first.
 This reproduces Wikipedia's example: "aaabdaaabac" merges aa -> Z, then ab -> Y (ab ties with Za,
@@ -25,69 +26,84 @@ from .loading import load_tiktoken_bpe, save_tiktoken_bpe
 __all__ = ["BasicTokenizer", "RegexTokenizer", "train_bpe", "load_tokenizer"]
 
 
-def _merge_word(word, pair, new_id):
-    """``word`` (tuple of ids) with every non-overlapping occurrence of ``pair``, left to right, replaced."""
-    out, i, a, b = [], 0, pair[0], pair[1]
-    n = len(word)
-    while i < n:
-        if i < n - 1 and word[i] == a and word[i + 1] == b:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
-
-
 def train_bpe(word_counts, num_merges, verbose=False):
-    """Learn ``num_merges`` merges from {bytes pre-token: count}. Returns [(left, right), ...] where
-    merge k creates token id 256 + k."""
-    words = [tuple(w) for w in word_counts]
-    freqs = list(word_counts.values())
+    """Learn up to ``num_merges`` merges from {bytes pre-token: count}. Returns [(left, right), ...]
+    where merge k creates token id 256 + k; stops early when no adjacent pair is left.
+
+    Every unique pre-token is laid out once in flat arrays: ``tok[i]`` the token at position i
+    (-1 once merged away), ``nxt``/``prv`` the neighbours within the pre-token (-1 at its ends),
+    ``weight[i]`` the pre-token's frequency. ``where[pair]`` holds the positions i where ``pair``
+    starts and ``counts[pair]`` the sum of their weights. Merging (a, b) -> z visits its positions
+    left to right (so "aaa" becomes [aa, a], as a left-to-right rewrite gives), skipping ones an
+    earlier merge in the same pass consumed, and at each one replaces the pairs (x, a), (a, b),
+    (b, y) by (x, z), (z, y): work proportional to the occurrences of the pair.
+    """
+    tok, nxt, prv, weight = [], [], [], []
+    for w, f in word_counts.items():
+        n0, n = len(tok), len(w)
+        tok.extend(w)
+        weight.extend([f] * n)
+        prv.extend(range(n0 - 1, n0 + n - 1))
+        prv[n0] = -1
+        nxt.extend(range(n0 + 1, n0 + n + 1))
+        nxt[-1] = -1
     counts = collections.defaultdict(int)          # pair -> weighted count
-    where = collections.defaultdict(set)           # pair -> indices of words containing it
-    for wi, (w, f) in enumerate(zip(words, freqs)):
-        for p in zip(w, w[1:]):
-            counts[p] += f
-            where[p].add(wi)
-    heap = [(-c, p) for p, c in counts.items()]
+    where = collections.defaultdict(set)           # pair -> positions where it starts
+    for i, j in enumerate(nxt):
+        if j != -1:
+            counts[tok[i], tok[j]] += weight[i]
+            where[tok[i], tok[j]].add(i)
+    heap = [(-c, p) for p, c in counts.items()]   # max count first; ties: smallest pair first
     heapq.heapify(heap)
     merges = []
     while len(merges) < num_merges and heap:
         negc, pair = heapq.heappop(heap)
-        if counts.get(pair, 0) != -negc or negc == 0:
+        if counts.get(pair, 0) != -negc:
             continue                                # stale entry: the count changed since it was pushed
-        new_id = 256 + len(merges)
+        a, b = pair
+        z = 256 + len(merges)
         merges.append(pair)
         touched = set()
-        for wi in list(where[pair]):
-            w, f = words[wi], freqs[wi]
-            for p in zip(w, w[1:]):                 # remove the old word's pairs
-                counts[p] -= f
-                touched.add(p)
-            nw = _merge_word(w, pair, new_id)
-            for p in zip(w, w[1:]):
-                where[p].discard(wi)
-            for p in zip(nw, nw[1:]):               # add the new word's pairs
-                counts[p] += f
-                where[p].add(wi)
-                touched.add(p)
-            words[wi] = nw
-        for p in touched:
-            c = counts.get(p, 0)
+        for i in sorted(where.pop(pair)):
+            j = nxt[i]
+            if tok[i] != a or j == -1 or tok[j] != b:
+                continue                            # consumed by the previous occurrence ("aaa")
+            w, p, k = weight[i], prv[i], nxt[j]
+            if p != -1:                             # (x, a) at p -> (x, z)
+                q = (tok[p], a)
+                counts[q] -= w
+                where[q].discard(p)
+                r = (tok[p], z)
+                counts[r] += w
+                where[r].add(p)
+                touched.update((q, r))
+            if k != -1:                             # (b, y) at j -> (z, y) at i
+                q = (b, tok[k])
+                counts[q] -= w
+                where[q].discard(j)
+                r = (z, tok[k])
+                counts[r] += w
+                where[r].add(i)
+                touched.update((q, r))
+                prv[k] = i
+            tok[i], tok[j], nxt[i] = z, -1, k
+        del counts[pair]
+        touched.discard(pair)
+        for q in touched:
+            c = counts.get(q, 0)
             if c > 0:
-                heapq.heappush(heap, (-c, p))
+                heapq.heappush(heap, (-c, q))
             else:
-                counts.pop(p, None)
-                where.pop(p, None)
+                counts.pop(q, None)
+                where.pop(q, None)
         if verbose and len(merges) % 1000 == 0:
-            print(f"merge {len(merges)}/{num_merges}: {pair} -> {new_id} ({-negc} occurrences)")
+            print(f"merge {len(merges)}/{num_merges}: {pair} -> {z} ({-negc} occurrences)")
     return merges
 
 
 class BasicTokenizer:
-    """Byte-level BPE with no pre-tokenization: the whole text is one sequence (for teaching; merges
-    may then cross word boundaries, and each merge rewrites the whole text, so keep texts small).
+    """Byte-level BPE with no pre-tokenization: the whole text is one sequence (for teaching: merges
+    then cross word boundaries, and encoding is quadratic in the text's length).
 
     State: ``merges`` [(left id, right id), ...] where merge k made id 256 + k (ids 0..255 are the
     bytes), and ``special_tokens`` {str: id}. A vocabulary loaded from a foreign ``.tiktoken`` file
