@@ -220,10 +220,16 @@ def test_hf_trained_model_encodes_like_hf(tmp_path):
     ours = load_hf_bpe(vocab_json, merges_txt)
     probe = text[100_000:] + " 🤖 don't  \n\n x"
     assert ours.encode_ordinary(probe) == hf.encode(probe).ids
-    with open(merges_txt, "a", encoding="utf-8") as f:
-        f.write("Ġzz qq\n")
-    with pytest.raises(ValueError, match="missing from vocab.json"):
-        load_hf_bpe(vocab_json, merges_txt)
+    lines = open(merges_txt, encoding="utf-8").read().splitlines()
+    with open(tmp_path / "bad.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines + ["Ġzz qq"]) + "\n")
+    n_merges = sum(not ln.startswith("#version") for ln in lines)
+    with pytest.raises(ValueError, match=f"merge {n_merges + 1} 'Ġzz qq' is not two tokens"):
+        load_hf_bpe(vocab_json, str(tmp_path / "bad.txt"))
+    with open(tmp_path / "swapped.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines[:1] + lines[2:3] + lines[1:2] + lines[3:]) + "\n")     # merges 1 and 2 swapped
+    with pytest.raises(ValueError, match="do not follow the merge order"):
+        load_hf_bpe(vocab_json, str(tmp_path / "swapped.txt"))
 
 
 # ---- characters ---------------------------------------------------------------------------------------

@@ -1,5 +1,14 @@
 """Tokenizers: GPT-2's byte-level BPE (byte-exact with GPT-2's real ranks), BPE training, characters.
 
+Byte-pair encoding (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword
+Units") over UTF-8 bytes with a regex pre-tokenizer, as in GPT-2 (Radford et al. 2019, "Language
+Models are Unsupervised Multitask Learners"). Files, one idea each:
+
+    encoding.py  pre-tokenizer patterns, rank-ordered merging, Encoding (tiktoken's API)
+    loading.py   .tiktoken rank files (GPT-2's ships in npgpt/assets), HF vocab.json + merges.txt
+    trainer.py   incremental BPE training, BasicTokenizer / RegexTokenizer, save/load
+    char.py      CharTokenizer (one id per character)
+
     from npgpt.tokenizer import get_encoding
     enc = get_encoding("gpt2")
     enc.encode("Hello world")          # [15496, 995]

@@ -70,7 +70,7 @@ def bytes_to_unicode():
 def load_hf_bpe(vocab_json, merges_txt=None, name="hf", pattern=GPT2_PATTERN):
     """An Encoding from HF's ``vocab.json`` (+ ``merges.txt``, used to check consistency).
 
-    Ranks are the vocab ids; tokens listed as specials (``<|endoftext|>``) become special tokens.
+    Ranks are the vocab ids; tokens written ``<|...|>`` (``<|endoftext|>``) become special tokens.
     """
     with open(vocab_json, encoding="utf-8") as f:
         vocab = json.load(f)
@@ -85,10 +85,18 @@ def load_hf_bpe(vocab_json, merges_txt=None, name="hf", pattern=GPT2_PATTERN):
         except KeyError:
             raise ValueError(f"{vocab_json}: token {tok!r} is not in GPT-2's byte alphabet") from None
     if merges_txt is not None:
+        # merging by rank = id (tiktoken's rule) equals HF's merging in merges.txt order when the
+        # merged tokens' ids follow that order, as in GPT-2 and in vocabularies HF's trainer writes
         with open(merges_txt, encoding="utf-8") as f:
             lines = [ln.rstrip("\n") for ln in f if ln.strip() and not ln.startswith("#version")]
-        for ln in lines:
-            a, b = ln.split(" ")
-            if a + b not in vocab:
-                raise ValueError(f"{merges_txt}: merge {ln!r} produces a token missing from vocab.json")
+        last = -1
+        for n, ln in enumerate(lines, 1):
+            parts = ln.split(" ")
+            if len(parts) != 2 or "".join(parts) not in vocab:
+                raise ValueError(f"{merges_txt}: merge {n} {ln!r} is not two tokens whose concatenation is "
+                                 f"in vocab.json")
+            if vocab["".join(parts)] < last:
+                raise ValueError(f"{merges_txt}: the ids in vocab.json do not follow the merge order (merge "
+                                 f"{n} {ln!r}); only vocabularies whose ids are merge ranks are supported")
+            last = vocab["".join(parts)]
     return Encoding(name, pattern, ranks, specials)
