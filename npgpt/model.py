@@ -96,6 +96,16 @@ class GPT(Module):
     def forward(self, idx, targets=None, cache=None):
         """Logits for every position; with ``cache`` (a list of one dict per layer, from
         ``new_cache()``) earlier positions come from the cache and ``idx`` holds only new ones."""
+        x = self.hidden_states(idx, cache)                                       # (B, T, C)
+        logits = F.linear(x, self.lm_head_weight.T)                              # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits, backend.to_device(targets))
+        return logits, loss
+
+    def hidden_states(self, idx, cache=None):
+        """The final hidden states (B, T, C): embeddings, the blocks and ln_f, without the LM head
+        (class heads and other task heads start here). ``idx`` (B, T) or (T,) integer ids."""
         idx = backend.to_device(idx)
         if idx.ndim == 1:
             idx = idx[None, :]
@@ -118,12 +128,7 @@ class GPT(Module):
         x = F.dropout(tok + pos, cfg.dropout, self.training)                     # (B, T, C)
         for i, block in enumerate(tr.h):
             x = block(x, None if cache is None else cache[i])
-        x = tr.ln_f(x)
-        logits = F.linear(x, self.lm_head_weight.T)                              # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits, backend.to_device(targets))
-        return logits, loss
+        return tr.ln_f(x)                                                        # (B, T, C)
 
     def new_cache(self):
         """An empty KV cache: one dict per layer, filled with keys/values (B, NH, T, hs) as tokens arrive."""
