@@ -156,6 +156,19 @@ def _char_vocabulary(files):
     return sorted(chars)
 
 
+def _split_tail(src, dst, offset):
+    """Move the bytes of file ``src`` from ``offset`` on into a new file ``dst`` (16 MB at a time)."""
+    with open(src, "r+b") as f:
+        f.seek(offset)
+        with open(dst, "wb") as g:
+            while True:
+                block = f.read(1 << 24)
+                if not block:
+                    break
+                g.write(block)
+        f.truncate(offset)
+
+
 def prepare(inputs, out_dir, tokenizer="char", val_fraction=0.1, workers=None, progress=True):
     """Tokenize ``inputs`` into ``out_dir``/{train,val}.bin and meta.json; returns the meta dict.
 
@@ -198,39 +211,38 @@ def prepare(inputs, out_dir, tokenizer="char", val_fraction=0.1, workers=None, p
         from tqdm.auto import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing ({meta['tokenizer']})")
     os.makedirs(out_dir, exist_ok=True)
-    train_path, val_path = os.path.join(out_dir, "train.bin"), os.path.join(out_dir, "val.bin")
+    # written under temporary names and renamed at the end, so a failed run leaves any earlier
+    # dataset in out_dir whole
+    paths = {k: os.path.join(out_dir, f"{k}.tmp") for k in ("train.bin", "val.bin", "meta.json")}
     n = 0
     try:
-        with open(train_path, "wb") as f:           # all ids first; the tail moves to val.bin below
-            for ids, nbytes in encoded:
-                ids.astype(dtype).tofile(f)
-                n += len(ids)
-                if bar is not None:
-                    bar.update(min(nbytes, bar.total - bar.n))
+        try:
+            with open(paths["train.bin"], "wb") as f:   # all ids first; the tail moves to val.bin below
+                for ids, nbytes in encoded:
+                    ids.astype(dtype).tofile(f)
+                    n += len(ids)
+                    if bar is not None:
+                        bar.update(min(nbytes, bar.total - bar.n))
+        finally:
+            if pool is not None:
+                pool.terminate()
+            if bar is not None:
+                bar.update(bar.total - bar.n)
+                bar.close()
+        if n < 2:
+            raise ValueError(f"the input {inputs!r} has {n} tokens: at least 2 are needed for a train/val split")
+        n_train = int(n * (1 - val_fraction))
+        _split_tail(paths["train.bin"], paths["val.bin"], n_train * np.dtype(dtype).itemsize)
+        meta.update({"vocab_size": tok.n_vocab, "dtype": np.dtype(dtype).name, "train_tokens": n_train,
+                     "val_tokens": n - n_train, "inputs": [os.path.abspath(f) for f in files]})
+        if tok.eot_token is not None:
+            meta["eot_token"] = tok.eot_token
+        with open(paths["meta.json"], "w") as f:
+            json.dump(meta, f, indent=1)
+        for name, tmp in paths.items():
+            os.replace(tmp, os.path.join(out_dir, name))
     finally:
-        if pool is not None:
-            pool.terminate()
-        if bar is not None:
-            bar.update(bar.total - bar.n)
-            bar.close()
-    if n < 2:
-        os.remove(train_path)
-        raise ValueError(f"the input {inputs!r} has {n} tokens: at least 2 are needed for a train/val split")
-    n_train = int(n * (1 - val_fraction))
-    itemsize = np.dtype(dtype).itemsize
-    with open(train_path, "r+b") as f:
-        f.seek(n_train * itemsize)
-        with open(val_path, "wb") as g:             # copy the validation tail in 16 MB blocks
-            while True:
-                block = f.read(1 << 24)
-                if not block:
-                    break
-                g.write(block)
-        f.truncate(n_train * itemsize)
-    meta.update({"vocab_size": tok.n_vocab, "dtype": np.dtype(dtype).name, "train_tokens": n_train,
-                 "val_tokens": n - n_train, "inputs": [os.path.abspath(f) for f in files]})
-    if tok.eot_token is not None:
-        meta["eot_token"] = tok.eot_token
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+        for tmp in paths.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return meta

@@ -125,9 +125,16 @@ def test_errors(tmp_path):
         prep.prepare(str(tmp_path / "a.txt"), str(tmp_path / "o"), tokenizer="nope", progress=False)
     with pytest.raises(ValueError, match="val_fraction"):
         prep.prepare(str(tmp_path / "a.txt"), str(tmp_path / "o"), val_fraction=1.0, progress=False)
-    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: .*'text'"):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: .*'text'"):
         prep.prepare(str(tmp_path / "bad.jsonl"), str(tmp_path / "o"), progress=False)
+    # a failed run leaves an earlier dataset in the directory whole, and no temporary files
+    prep.prepare(str(tmp_path / "a.txt"), str(tmp_path / "o"), progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        prep.prepare(str(tmp_path / "bad.jsonl"), str(tmp_path / "o"), tokenizer="gpt2", progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
+    assert sorted(before) == ["meta.json", "train.bin", "val.bin"]
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
     with pytest.raises(ValueError, match="not UTF-8"):
         prep.prepare(str(tmp_path / "latin1.txt"), str(tmp_path / "o"), progress=False)
