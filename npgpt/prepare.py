@@ -189,9 +189,8 @@ def prepare(inputs, out_dir, tokenizer="char", val_fraction=0.1, workers=None, p
     else:
         try:
             tok = tokenizer_from_name(tokenizer)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"unknown tokenizer {tokenizer!r}: use 'char', 'gpt2' or the path of a saved "
-                             f"tokenizer ({e})") from None
+        except (FileNotFoundError, ValueError) as e:     # e names the problem and the choices
+            raise ValueError(f"{e} (or 'char', the default: one id per character of the input)") from None
         meta = {"tokenizer": tokenizer if tokenizer == "gpt2" else os.path.abspath(tokenizer)}
     dtype = np.uint16 if tok.n_vocab <= 1 << 16 else np.uint32
     total = sum(os.path.getsize(f) for f in files)

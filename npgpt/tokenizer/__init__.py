@@ -35,14 +35,21 @@ def tokenizer_from_name(name):
 
 
 def load_tokenizer_from_meta(meta):
-    """The tokenizer a prepared dataset / checkpoint was made with, from its ``meta`` dict
-    (or the path of a directory holding ``meta.json``)."""
-    if isinstance(meta, str):
-        import json
-        import os
-        with open(os.path.join(meta, "meta.json")) as f:
+    """The tokenizer a prepared dataset / checkpoint was made with, from its ``meta`` dict (or the
+    path of a directory holding ``meta.json``): a CharTokenizer for "char" (its ``chars``), GPT-2's
+    Encoding for "gpt2", else the saved tokenizer at that path. All have ``encode(text)``,
+    ``decode(ids)``, ``n_vocab`` and ``eot_token`` (None for characters)."""
+    import json
+    import os
+    if isinstance(meta, (str, os.PathLike)):
+        path = os.path.join(meta, "meta.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: prepare the data first (npgpt prepare --out {meta})")
+        with open(path) as f:
             meta = json.load(f)
     kind = meta.get("tokenizer", "char")
     if kind == "char":
+        if "chars" not in meta:
+            raise ValueError("a char-level meta needs its 'chars' list (re-run npgpt prepare)")
         return CharTokenizer(meta["chars"])
     return tokenizer_from_name(kind)
