@@ -15,8 +15,9 @@ Matching never looks behind, so the text after a safe point tokenizes as it does
 and encoding chunk by chunk gives exactly the ids of whole documents (a hypothesis test checks
 this). A document with no safe point is kept whole.
 
-BPE runs on all cores (a process pool fed with ~1 MB tasks, results taken in order); characters are
-encoded in-process with a vectorized lookup. ``<|endoftext|>`` separates documents when the
+BPE of inputs over ~8 MB runs on all cores (a process pool, forked where possible, fed ~1 MB tasks,
+results taken in order); smaller inputs are encoded in-process, and so are characters, by a
+vectorized lookup. ``<|endoftext|>`` separates documents when the
 tokenizer has it (the char tokenizer has none). The first ``1 - val_fraction`` of the tokens is the
 training split, the rest validation. Ids are uint16, or uint32 when they can exceed 65,535.
 """
@@ -128,10 +129,13 @@ def _tasks(files, eot):
 _worker_tok = None
 
 
-def _init_worker(name):
+def _init_worker(name, tok=None):
+    """Worker set-up: the parent's tokenizer when forked, else load it by name (spawn)."""
     global _worker_tok
-    from .tokenizer import tokenizer_from_name
-    _worker_tok = tokenizer_from_name(name)
+    if tok is None:
+        from .tokenizer import tokenizer_from_name
+        tok = tokenizer_from_name(name)
+    _worker_tok = tok
 
 
 def _encode_task(task, tok=None):
@@ -200,8 +204,11 @@ def prepare(inputs, out_dir, tokenizer="char", val_fraction=0.1, workers=None, p
     if tokenizer == "char":
         encoded = ((tok.encode_array(c), len(c.encode("utf-8", errors="surrogatepass")))
                    for task in tasks for c in task)
-    elif workers > 1 and total > 2 * CHUNK_CHARS:
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
+    elif workers > 1 and total > 8 * CHUNK_CHARS:       # below ~8 MB, starting workers costs more
+        if "fork" in multiprocessing.get_all_start_methods():   # workers inherit the loaded tokenizer
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer, tok))
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
         encoded = pool.imap(_encode_task, tasks)    # in order; the task pipe bounds what is read ahead
     else:
         encoded = (_encode_task(t, tok) for t in tasks)

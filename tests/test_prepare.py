@@ -35,9 +35,11 @@ def test_char_prepare_round_trip(tmp_path):
     assert load_tokenizer_from_meta(str(tmp_path / "out")).decode(ids.tolist()) == TEXT
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_bpe_prepare_documents_chunks_and_workers(tmp_path, monkeypatch, workers):
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 300)   # many chunks and tasks; above 2 chunks -> the pool
+@pytest.mark.parametrize("workers, start", [(1, None), (2, "fork"), (2, "spawn")])
+def test_bpe_prepare_documents_chunks_and_workers(tmp_path, monkeypatch, workers, start):
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 300)   # many chunks and tasks; above 8 chunks -> the pool
+    if start == "spawn":                            # as where fork is unavailable: workers load by name
+        monkeypatch.setattr(prep.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     docs = [TEXT, "Second doc  \n\n  with spaces\n", TEXT[:500], "ünïcödé 🤖 doc"]
     (tmp_path / "d" / "sub").mkdir(parents=True)
     (tmp_path / "d" / "1.txt").write_bytes(docs[0].encode())
