@@ -60,7 +60,7 @@ def test_bpe_prepare_documents_chunks_and_workers(tmp_path, monkeypatch, workers
 FRAGMENTS = ["ab", "Z", "é", ".", "!", "'s", "1", " ", "  ", "\t", "\n", "\n", "\n\n", "\r\n", "\r", "\u00a0"]
 
 
-@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN], ids=["gpt2", "gpt4"])
 @settings(max_examples=300)
 @given(st.lists(st.sampled_from(FRAGMENTS), max_size=120).map("".join))
 def test_chunk_cuts_keep_pretokens(pattern, text):
