@@ -4,7 +4,8 @@ same thread count, side by side in one run.
     python benchmarks/bench_train.py [--configs baby small] [--steps 20] [--threads 2]
 
 Prints the median step time (forward + backward + clip + AdamW) of each and the ratio npgpt/torch.
-Peak memory is the process's max RSS growth measured in a fresh subprocess per framework.
+Peak memory is the growth of the process's max RSS after importing the framework, in a fresh
+subprocess per framework (model, optimizer state, activations, gradients).
 """
 import argparse
 import json
@@ -28,11 +29,14 @@ def run_one(framework, name, steps, threads, device="cpu"):
     rng = np.random.default_rng(0)
     x = rng.integers(0, c["vocab_size"], (B, c["block_size"]))
     y = rng.integers(0, c["vocab_size"], (B, c["block_size"]))
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
     if framework == "npgpt":
         import npgpt
         from npgpt.optim import clip_grad_norm
+    else:
+        import torch
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after the framework's own import
+    times = []
+    if framework == "npgpt":
         if device == "cuda":
             npgpt.backend.use("cupy")
         model = npgpt.GPT(npgpt.GPTConfig(**c))
@@ -47,7 +51,6 @@ def run_one(framework, name, steps, threads, device="cpu"):
             loss.item()
             times.append(time.perf_counter() - t)
     else:
-        import torch
         torch.set_num_threads(threads)
         sys.path.insert(0, os.path.dirname(__file__))
         from torch_gpt import TorchGPT

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import backend
 from .. import functional as F
-from ..engine import Tensor, no_grad
+from ..engine import no_grad
 from ..nn import Module, Linear
 from ..optim import AdamW, clip_grad_norm
 from .datasets import pad_batch
@@ -30,27 +30,8 @@ __all__ = ["hidden_states", "GPTClassifier", "freeze_blocks", "ClassifyConfig", 
 
 def hidden_states(model, idx):
     """The final hidden states (B, T, C) of ``model`` (a GPT) for token ids ``idx`` (B, T): the
-    transformer and its final LayerNorm, without the LM head."""
-    idx = backend.to_device(idx)
-    if idx.ndim == 1:
-        idx = idx[None, :]
-    B, T = idx.shape
-    cfg = model.config
-    if T > cfg.block_size:
-        raise ValueError(f"sequence length {T} exceeds the model's block_size {cfg.block_size}; "
-                         f"use shorter texts (max_len) or a model with a larger block_size")
-    if int(idx.max()) >= cfg.vocab_size or int(idx.min()) < 0:
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{int(idx.min())}, {int(idx.max())}]")
-    tr = model.transformer
-    tok = tr.wte(idx)                                                        # (B, T, C)
-    if cfg.pos == "learned":
-        pos = tr.wpe(backend.xp.arange(T)[None, :])                          # (1, T, C)
-    else:
-        pos = Tensor(model._pe[:T][None])                                    # (1, T, C)
-    x = F.dropout(tok + pos, cfg.dropout, model.training)                    # (B, T, C)
-    for block in tr.h:
-        x = block(x)
-    return tr.ln_f(x)                                                        # (B, T, C)
+    transformer and its final LayerNorm, without the LM head (``GPT.hidden_states``)."""
+    return model.hidden_states(idx)
 
 
 class GPTClassifier(Module):
