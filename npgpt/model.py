@@ -85,7 +85,9 @@ class GPT(Module):
         self.config = config
         self.transformer = _Transformer(config)
         if config.pos == "sinusoidal":
-            self._pe = backend.to_device(sinusoidal_positions(config.block_size, config.n_embd),
+            # scaled to the RMS of the N(0, 0.02^2) token embeddings (a sine of amplitude a has RMS
+            # a/sqrt(2)); at amplitude 1 the positions swamp the tokens and training stalls
+            self._pe = backend.to_device(sinusoidal_positions(config.block_size, config.n_embd) * (0.02 * math.sqrt(2)),
                                          dtype=backend.get_default_dtype())
 
     @property
