@@ -52,7 +52,8 @@ def register(sub):
                    help="bundled task: shortest passage (default 100, or half the context when that is shorter)")
     c.add_argument("--max_tokens", type=int, default=250)
     c.add_argument("--per_work", type=int, default=40, help="bundled task: passages per work at most")
-    c.add_argument("--block_size", type=int, default=256, help="scratch model context (and max text length)")
+    c.add_argument("--block_size", type=int, default=None,
+                   help="context and max text length (default: the checkpoint's; 256 for scratch)")
     c.add_argument("--trainable_blocks", type=int, default=None,
                    help="train only the last N blocks + ln_f + head (default: all)")
     c.set_defaults(func=run_classify)
@@ -63,7 +64,8 @@ def register(sub):
     i.add_argument("--data", default=None, help="Alpaca JSON (list) or JSONL of {instruction, input, output}")
     i.add_argument("--n_per_task", type=int, default=200, help="bundled set: examples per task")
     i.add_argument("--test_frac", type=float, default=0.1)
-    i.add_argument("--block_size", type=int, default=384, help="context (Alpaca prompts are ~300 characters)")
+    i.add_argument("--block_size", type=int, default=None,
+                   help="context (default: the checkpoint's; 384 for scratch: Alpaca prompts are ~300 characters)")
     i.add_argument("--max_eval", type=int, default=100, help="held-out examples to score")
     i.add_argument("--max_new_tokens", type=int, default=48)
     i.set_defaults(func=run_instruct, batch_size=8)
@@ -77,7 +79,7 @@ def _fail(cmd, msg):
 def _check(args):
     for k in ("max_iters", "batch_size", "n_layer", "n_head", "n_embd", "block_size"):
         v = getattr(args, k)
-        if v < (0 if k == "max_iters" else 1):
+        if v is not None and v < (0 if k == "max_iters" else 1):
             raise ValueError(f"--{k} must be positive, got {v}")
     if not 0.0 < args.test_frac < 1.0:
         raise ValueError(f"--test_frac must be in (0, 1), got {args.test_frac}")
@@ -188,7 +190,7 @@ def _instruct(args):
     text = I.PROMPT_WITH_INPUT + I.PROMPT_NO_INPUT + I.CHAR_END + "".join(
         e["instruction"] + e["input"] + e["output"] for e in examples)
     gpt, tok, meta = init_model(args.init_from, text, args.n_layer, args.n_head, args.n_embd, args.block_size,
-                                seed=args.seed)
+                                seed=args.seed, scratch_block_size=384)
     pairs, kept = I.fit_examples(train, tok, gpt.config.block_size)
     _, test = I.fit_examples(test, tok, gpt.config.block_size)
     if not pairs or not test:

@@ -29,18 +29,20 @@ def load_pretrained(path, block_size=None):
     return gpt.train(), dict(ckpt.get("meta") or {})
 
 
-def init_model(init_from, text, n_layer=4, n_head=4, n_embd=128, block_size=256, pos="learned", seed=0):
+def init_model(init_from, text, n_layer=4, n_head=4, n_embd=128, block_size=None, pos="learned", seed=0,
+               scratch_block_size=256):
     """(gpt, tokenizer, meta) to fine-tune.
 
     init_from: "scratch" (a new char-level GPT over the alphabet of ``text``) or a checkpoint path
     (its tokenizer; a char alphabet is extended with any character of ``text`` it lacks).
     ``text``: every text the run will encode (so no character is unknown).
+    ``block_size``: the context; None keeps a checkpoint's own (``scratch_block_size`` from scratch).
     """
     backend.seed(seed)
     if init_from == "scratch":
         chars = sorted(set(text))
         meta = {"tokenizer": "char", "vocab_size": len(chars), "chars": chars}
-        gpt = GPT(GPTConfig(vocab_size=len(chars), block_size=block_size, n_layer=n_layer, n_head=n_head,
+        gpt = GPT(GPTConfig(vocab_size=len(chars), block_size=block_size or scratch_block_size, n_layer=n_layer, n_head=n_head,
                             n_embd=n_embd, pos=pos))
         return gpt.train(), CharTokenizer(chars), meta
     gpt, meta = load_pretrained(init_from, block_size)
