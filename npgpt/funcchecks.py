@@ -57,3 +57,13 @@ register_check("F.attention bool mask", lambda q, k, v: F.scaled_dot_product_att
                lambda r: [r.normal(size=(2, 2, 3, 4)), r.normal(size=(2, 2, 5, 4)), r.normal(size=(2, 2, 5, 4))])
 register_check("F.attention dropout (fixed mask)", _attention_dropout_fixed(0.25),
                lambda r: [r.normal(size=(1, 2, 4, 3)), r.normal(size=(1, 2, 4, 3)), r.normal(size=(1, 2, 4, 3))])
+
+
+def _lora(x, w, b, a, bb):
+    from .lora import lora_linear
+    return lora_linear(x, w, b, a, bb, 2.0)
+
+
+register_check("lora_linear (r=2)", _lora,
+               lambda r: [r.normal(size=(2, 3, 4)), r.normal(size=(4, 5)), r.normal(size=(5,)),
+                          r.normal(size=(4, 2)), r.normal(size=(2, 5))])
