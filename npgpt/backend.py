@@ -155,7 +155,6 @@ def seed(s):
 
 def rng():
     """The active backend's random Generator (``numpy.random.Generator`` or CuPy's); seeded with 0 if unseeded."""
-    global _rng
     if _rng is None:
         seed(0)
     return _rng

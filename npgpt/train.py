@@ -15,7 +15,7 @@ import numpy as np
 
 from . import backend
 from .checkpoint import save_checkpoint, load_checkpoint
-from .data import load_meta, load_split, get_batch, ensure_prepared
+from .data import load_split, get_batch, ensure_prepared
 from .engine import no_grad
 from .model import GPT, GPTConfig
 from .optim import get_lr, clip_grad_norm

@@ -104,7 +104,6 @@ def run_classify(args):
 
 
 def _classify(args):
-    import numpy as np
     from ..checkpoint import save_checkpoint
     from ..finetune import classify as C, datasets as D
     from ..finetune.base import init_model

@@ -10,7 +10,6 @@ after position length_b - 1 cannot change z, whatever their ids. Training is cro
 ``freeze_blocks`` keeps all but the last N transformer blocks (and ln_f and the head) fixed, and
 ``npgpt.lora`` adds low-rank adapters instead.
 """
-import time
 import tracemalloc
 from dataclasses import dataclass, asdict
 
@@ -20,7 +19,7 @@ from .. import backend
 from .. import functional as F
 from ..engine import no_grad
 from ..nn import Module, Linear
-from ..optim import AdamW, clip_grad_norm
+from .base import make_optimizer, run_steps
 from .datasets import pad_batch
 
 __all__ = ["hidden_states", "GPTClassifier", "freeze_blocks", "ClassifyConfig", "train_classifier",
@@ -144,40 +143,21 @@ def train_classifier(clf, seqs, y, cfg, log=print):
     elif cfg.trainable_blocks is not None:
         freeze_blocks(clf, cfg.trainable_blocks)
     params = [p for p in clf.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
-    opt = AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99))
-    rng = np.random.default_rng(cfg.seed)
-    backend.seed(cfg.seed)
-    order, pos = rng.permutation(len(seqs)), 0
-    losses, times = [], []
+    opt = make_optimizer(params, cfg)
     clf.train()
     peak = 0
-    tracemalloc.start()
-    for it in range(cfg.max_iters):
-        if it == 3:
+
+    def stop_tracing(it):  # the peak of the first three steps
+        nonlocal peak
+        if it == 3 and tracemalloc.is_tracing():
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
-        if pos + cfg.batch_size > len(order):
-            order, pos = rng.permutation(len(seqs)), 0
-        batch = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        t0 = time.perf_counter()
+
+    def loss_of(batch):
         ids, lengths = pad_batch([seqs[i] for i in batch])
-        opt.set_lr(cfg.learning_rate * min(1.0, (it + 1) / max(1, cfg.warmup_iters)))
-        logits = clf(ids, lengths)
-        loss = F.cross_entropy(logits, backend.to_device(y[batch]))
-        loss.backward()
-        if cfg.grad_clip > 0:
-            clip_grad_norm(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.item()))
-        if log and (it + 1) % max(1, cfg.max_iters // 5) == 0:
-            log(f"  iter {it + 1}/{cfg.max_iters}: loss {np.mean(losses[-20:]):.4f}")
+        return F.cross_entropy(clf(ids, lengths), backend.to_device(y[batch]))
+    tracemalloc.start()
+    losses, times = run_steps(cfg, len(seqs), loss_of, params, opt, log, stop_tracing)
     if tracemalloc.is_tracing():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()

@@ -16,13 +16,12 @@ Batches are right-padded to the longest sequence in the batch (dynamic padding).
 """
 import json
 import os
-import time
 
 import numpy as np
 
 from .. import backend
 from ..engine import no_grad
-from ..optim import AdamW, clip_grad_norm
+from .base import make_optimizer, run_steps
 
 __all__ = ["PROMPT_WITH_INPUT", "PROMPT_NO_INPUT", "CHAR_END", "IGNORE_INDEX", "format_prompt",
            "end_ids", "encode_instruction", "collate", "fit_examples", "load_instructions", "InstructConfig",
@@ -128,32 +127,13 @@ def train_instruct(model, pairs, cfg, pad_id=0, log=print):
     """Fine-tune a GPT on encoded (x, y) pairs with the masked loss; only parameters that require
     gradients train (so it works after ``apply_lora``). Returns {"losses", "step_time"}."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay, rest = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": rest, "weight_decay": 0.0}) if g["params"]]
-    opt = AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.99))
-    rng = np.random.default_rng(cfg.seed)
-    backend.seed(cfg.seed)
-    order, pos, losses, times = rng.permutation(len(pairs)), 0, [], []
+    opt = make_optimizer(params, cfg)
     model.train()
-    for it in range(cfg.max_iters):
-        if pos + cfg.batch_size > len(order):
-            order, pos = rng.permutation(len(pairs)), 0
-        batch = [pairs[i] for i in order[pos:pos + cfg.batch_size]]
-        pos += cfg.batch_size
-        t0 = time.perf_counter()
-        x, y = collate(batch, pad_id)
-        opt.set_lr(cfg.learning_rate * min(1.0, (it + 1) / max(1, cfg.warmup_iters)))
-        _, loss = model(x, y)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            clip_grad_norm(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.item()))
-        if log and (it + 1) % max(1, cfg.max_iters // 5) == 0:
-            log(f"  iter {it + 1}/{cfg.max_iters}: loss {np.mean(losses[-20:]):.4f}")
+
+    def loss_of(batch):
+        x, y = collate([pairs[i] for i in batch], pad_id)
+        return model(x, y)[1]
+    losses, times = run_steps(cfg, len(pairs), loss_of, params, opt, log)
     model.eval()
     return {"losses": losses, "step_time": float(np.median(times)) if times else 0.0}
 
