@@ -90,17 +90,19 @@ def _check(args):
                          f"`npgpt train --out_dir DIR` or use --init_from scratch")
 
 
-def run_classify(args):
+def _guarded(cmd, job, args):
+    """Check the arguments and run ``job``; user errors (bad values, paths, corrupt checkpoints)
+    become one ``npgpt CMD: error:`` line and exit status 2."""
+    from ..checkpoint import CheckpointError
     try:
         _check(args)
-        return _classify(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        return _fail("finetune-classify", e.args[0] if e.args else e)
-    except Exception as e:  # corrupt checkpoints and the like
-        from ..checkpoint import CheckpointError
-        if isinstance(e, CheckpointError):
-            return _fail("finetune-classify", e)
-        raise
+        return job(args)
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
+        return _fail(cmd, e.args[0] if e.args else e)
+
+
+def run_classify(args):
+    return _guarded("finetune-classify", _classify, args)
 
 
 def _classify(args):
@@ -164,16 +166,7 @@ def format_confusion(conf, labels):
 
 
 def run_instruct(args):
-    try:
-        _check(args)
-        return _instruct(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        return _fail("finetune-instruct", e.args[0] if e.args else e)
-    except Exception as e:
-        from ..checkpoint import CheckpointError
-        if isinstance(e, CheckpointError):
-            return _fail("finetune-instruct", e)
-        raise
+    return _guarded("finetune-instruct", _instruct, args)
 
 
 def _instruct(args):
