@@ -123,6 +123,7 @@ def run_train(args):
 
 def _print_samples(out_dir, start, num_samples, max_new_tokens, temperature, top_k, top_p, seed, cache, hf=None):
     import numpy as np
+    from .. import backend
     from ..tokenizer import load_tokenizer_from_meta
     if hf is not None:
         from ..hf import from_hf, load_hf_meta
@@ -139,7 +140,7 @@ def _print_samples(out_dir, start, num_samples, max_new_tokens, temperature, top
         out = model.generate(np.asarray(ids)[None, :], max_new_tokens, temperature=temperature, top_k=top_k,
                              top_p=top_p, seed=seed + i, eos_token=getattr(tok, "eot_token", None),
                              use_cache=cache)
-        print(tok.decode([int(t) for t in np.asarray(out[0].get() if hasattr(out, "get") else out[0])]))
+        print(tok.decode(backend.to_numpy(out[0]).tolist()))
         if num_samples > 1:
             print("-" * 40)
 
