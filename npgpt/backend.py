@@ -17,7 +17,7 @@ import numpy as np
 __all__ = [
     "use", "name", "xp", "get_xp", "get_array_module", "to_numpy", "to_device", "is_cupy_available",
     "get_default_dtype", "set_default_dtype", "default_dtype", "seed", "rng", "scatter_add",
-    "BackendError",
+    "set_tf32", "synchronize", "forbid_sync", "BackendError",
 ]
 
 
@@ -34,6 +34,7 @@ xp = np               # the active array module; read it as `backend.xp`, never 
 name = "numpy"        # "numpy" or "cupy"
 _dtype = np.dtype(np.float32)
 _rng = None           # the active backend's random Generator, created by seed()/rng()
+_tf32 = False         # float32 matrix products on TF32 tensor cores (CuPy only)
 
 
 def _import_cupy():
@@ -53,7 +54,40 @@ def _import_cupy():
     if n < 1:
         raise BackendError(f"CuPy is installed but found no CUDA GPU; to fix: {_CUPY_FIX}")
     _cupy = cupy
+    _apply_tf32()
     return cupy
+
+
+def _apply_tf32():
+    linalg = _cupy._core._routines_linalg
+    mode = linalg.COMPUTE_TYPE_TF32 if _tf32 else linalg.COMPUTE_TYPE_DEFAULT
+    linalg.set_compute_type(np.float32, mode)
+
+
+def set_tf32(enabled=True):
+    """Run float32 matrix products on the GPU's TF32 tensor cores (10-bit mantissa inputs, float32
+    accumulation; about 3e-4 relative error) or not (the default). No effect on NumPy. CuPy applies
+    this to 2-D products (``dot``/``matmul`` via cuBLAS gemmEx), which is where the linear layers run."""
+    global _tf32
+    _tf32 = bool(enabled)
+    if _cupy is not None:
+        _apply_tf32()
+
+
+def forbid_sync():
+    """Context manager: on CuPy, any operation that waits for the GPU (a device-to-host copy,
+    ``.item()``, ``float()`` of a device array) raises ``cupyx.DeviceSynchronized`` inside it; used by
+    tests to prove a training step never stalls on the host. A no-op on NumPy."""
+    if _cupy is None or xp is np:
+        return contextlib.nullcontext()
+    import cupyx  # part of the cupy install
+    return cupyx.allow_synchronize(False)
+
+
+def synchronize():
+    """Wait until the GPU has finished all queued work (for timing); no-op on NumPy."""
+    if _cupy is not None:
+        _cupy.cuda.get_current_stream().synchronize()
 
 
 def is_cupy_available():

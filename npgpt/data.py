@@ -12,7 +12,7 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["load_meta", "load_split", "get_batch", "bundled_corpus_path", "ensure_prepared"]
+__all__ = ["load_meta", "load_split", "get_batch", "DeviceBatches", "bundled_corpus_path", "ensure_prepared"]
 
 
 def bundled_corpus_path():
@@ -50,6 +50,29 @@ def get_batch(data, batch_size, block_size, rng):
     win = np.stack([np.asarray(data[i:i + block_size + 1]) for i in ix])   # (B, T+1)
     win = win.astype(np.int64)
     return backend.to_device(win[:, :-1]), backend.to_device(win[:, 1:])  # (B, T), (B, T)
+
+
+class DeviceBatches:
+    """Random batches drawn on the GPU from a split copied to GPU memory once, so a training step
+    makes no host-to-device copy. ``DeviceBatches(data, B, T, seed)()`` -> x, y (B, T) int64 on the
+    active backend, like ``get_batch``, with the offsets drawn by the backend's Generator.
+    (A split is held as int32: 4 bytes a token, so a 1B-token corpus would not fit; use
+    ``get_batch`` from the host for corpora that large.)"""
+
+    def __init__(self, data, batch_size, block_size, seed):
+        xp = backend.xp
+        self.n = len(data) - block_size                    # valid window starts: [0, n)
+        if self.n < 1:
+            raise ValueError(f"the data has {len(data)} tokens, too few for block_size {block_size}")
+        self.data = xp.asarray(np.asarray(data, dtype=np.int32))   # (N,) on the device
+        self.window = xp.arange(block_size + 1)                    # (T+1,)
+        self.batch_size = batch_size
+        self.rng = xp.random.default_rng(seed)
+
+    def __call__(self):
+        ix = (self.rng.random(self.batch_size) * self.n).astype(np.int64)   # (B,) uniform starts
+        win = self.data[ix[:, None] + self.window].astype(np.int64)         # (B, T+1)
+        return win[:, :-1], win[:, 1:]
 
 
 def ensure_prepared(data_dir, inputs=None, tokenizer="char"):

@@ -77,7 +77,7 @@ class Tensor:
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_prev", "_backward", "_op", "_grad_owned",
-                 "_retain", "_freed", "name", "__weakref__")
+                 "_retain", "_freed", "_grad_fixed", "name", "__weakref__")
     __array_priority__ = 1000  # make `ndarray + Tensor` call Tensor.__radd__
 
     def __init__(self, data, requires_grad=False, dtype=None, name=None):
@@ -90,6 +90,7 @@ class Tensor:
         self._backward = None
         self._op = ""
         self._grad_owned = False  # True when .grad is a buffer this tensor may update in place
+        self._grad_fixed = False  # True when .grad is a view of a flat buffer (never rebound)
         self._retain = False
         self._freed = False
         self.name = name
@@ -101,7 +102,7 @@ class Tensor:
         out = cls.__new__(cls)
         out.data = np.asarray(data) if isinstance(data, np.generic) else data  # numpy 0-d results
         out.grad = None
-        out._grad_owned = out._retain = out._freed = False
+        out._grad_owned = out._retain = out._freed = out._grad_fixed = False
         out.name = None
         out._op = op
         if _grad_enabled and any(p.requires_grad for p in parents):
@@ -171,7 +172,11 @@ class Tensor:
         return self
 
     def zero_grad(self):
-        """Forget the accumulated gradient (set ``.grad`` to None)."""
+        """Forget the accumulated gradient: set ``.grad`` to None, or fill it with zeros when it is a
+        view of a flat gradient buffer (``npgpt.flat``), which must keep its place."""
+        if self._grad_fixed:
+            self.grad.fill(0)
+            return
         self.grad = None
         self._grad_owned = False
 

@@ -108,7 +108,8 @@ class GPT(Module):
     def hidden_states(self, idx, cache=None):
         """The final hidden states (B, T, C): embeddings, the blocks and ln_f, without the LM head
         (class heads and other task heads start here). ``idx`` (B, T) or (T,) integer ids."""
-        idx = backend.to_device(idx)
+        on_host = backend.get_array_module(idx) is np
+        idx = backend.to_numpy(idx) if on_host else backend._unwrap(idx)
         if idx.ndim == 1:
             idx = idx[None, :]
         if idx.dtype.kind not in "iu":
@@ -119,8 +120,10 @@ class GPT(Module):
         if start + T > cfg.block_size:
             raise ValueError(f"sequence length {start + T} exceeds the model's block_size {cfg.block_size}; "
                              f"crop the context to the last {cfg.block_size} tokens")
-        if int(idx.max()) >= cfg.vocab_size or int(idx.min()) < 0:
+        # ids already on the GPU are not range-checked: reading their min/max would stall the GPU
+        if on_host and idx.size and (int(idx.max()) >= cfg.vocab_size or int(idx.min()) < 0):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got [{int(idx.min())}, {int(idx.max())}]")
+        idx = backend.to_device(idx)
         tr = self.transformer
         tok = tr.wte(idx)                                                        # (B, T, C)
         if cfg.pos == "learned":
@@ -136,13 +139,28 @@ class GPT(Module):
         """An empty KV cache: one dict per layer, filled with keys/values (B, NH, T, hs) as tokens arrive."""
         return [dict() for _ in range(self.config.n_layer)]
 
-    def configure_optimizer(self, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8):
-        """AdamW with weight decay on matrices only (>= 2-D: embeddings and linear weights), as GPT-2."""
-        from .optim import AdamW
+    def configure_optimizer(self, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                            flat=False, dtype=None, max_grad_norm=0.0, **kwargs):
+        """AdamW with weight decay on matrices only (>= 2-D: embeddings and linear weights), as GPT-2.
+
+        ``flat=True`` (implied by ``dtype``) returns a ``mixed_precision.FlatAdamW``: all parameters
+        become views of one buffer, the step (with global-norm clipping at ``max_grad_norm``) is one
+        pass, and ``dtype="float16"`` trains in fp16 with float32 master weights and dynamic loss
+        scaling. Otherwise the per-parameter ``optim.AdamW`` (clip with ``optim.clip_grad_norm``)."""
         decay = [p for p in self.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        if flat or dtype is not None:
+            from .mixed_precision import FlatAdamW
+            opt = FlatAdamW(groups, lr=learning_rate, betas=betas, eps=eps, dtype=dtype,
+                            max_grad_norm=max_grad_norm, **kwargs)
+            if self.config.pos == "sinusoidal":
+                self._pe = self._pe.astype(opt.flat.dtype)       # the position table follows the model
+            return opt
+        if max_grad_norm or kwargs:
+            raise TypeError("max_grad_norm and mixed-precision options need flat=True")
+        from .optim import AdamW
         return AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
 
     def estimate_flops_per_token(self):

@@ -15,10 +15,10 @@ import numpy as np
 
 from . import backend
 from .checkpoint import save_checkpoint, load_checkpoint
-from .data import load_split, get_batch, ensure_prepared
+from .data import load_split, get_batch, ensure_prepared, DeviceBatches
 from .engine import no_grad
 from .model import GPT, GPTConfig
-from .optim import get_lr, clip_grad_norm
+from .optim import get_lr
 
 __all__ = ["TrainConfig", "train", "load_model", "estimate_loss"]
 
@@ -59,7 +59,9 @@ class TrainConfig:
     always_save_checkpoint: bool = True
     seed: int = 1337
     device: str = "cpu"                   # cpu (numpy) | cuda (cupy)
-    dtype: str = "float32"
+    dtype: str = "float32"                # float32 | float16 (mixed precision: fp32 master weights,
+                                          # dynamic loss scaling) | float64 (checks)
+    tf32: bool = False                    # float32 matmuls on TF32 tensor cores (cuda only)
     progress: bool = True
 
     def __post_init__(self):
@@ -67,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"init_from must be 'scratch' or 'resume', got {self.init_from!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in ("float32", "float16", "float64"):
+            raise ValueError(f"dtype must be float32, float16 (mixed precision) or float64, got {self.dtype!r}")
         for k in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -91,9 +95,10 @@ def estimate_loss(model, splits, cfg, seed):
     out = {}
     for name, data in splits.items():
         rng = np.random.default_rng(seed)
-        losses = [float(model(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1].item())
-                  for _ in range(cfg.eval_iters)]
-        out[name] = float(np.mean(losses))
+        total = 0.0   # summed on the device: one host read per split, not one per batch
+        for _ in range(cfg.eval_iters):
+            total = total + model(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1].data
+        out[name] = float(total) / cfg.eval_iters
     model.train()
     return out
 
@@ -112,10 +117,19 @@ def load_model(out_dir):
     return model.eval(), ckpt
 
 
+def make_optimizer(model, cfg):
+    """The training optimizer: AdamW over flat buffers with clipping inside the step, fp16 mixed
+    precision when ``cfg.dtype == "float16"`` (see ``npgpt.mixed_precision``)."""
+    return model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), flat=True,
+                                     dtype="float16" if cfg.dtype == "float16" else None,
+                                     max_grad_norm=cfg.grad_clip)
+
+
 def train(cfg, log=print):
     """Train (or resume) as configured; returns {"iter", "train_loss", "val_loss", "losses", "seconds"}."""
     backend.use("cupy" if cfg.device == "cuda" else "numpy")
-    backend.set_default_dtype(cfg.dtype)
+    backend.set_tf32(cfg.tf32)
+    backend.set_default_dtype("float32" if cfg.dtype == "float16" else cfg.dtype)  # fp16: fp32 master
     meta = ensure_prepared(cfg.data)
     train_data, val_data = load_split(cfg.data, "train"), load_split(cfg.data, "val")
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -128,7 +142,7 @@ def train(cfg, log=print):
         ckpt = load_checkpoint(ckpt_path)
         model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-        opt = model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        opt = make_optimizer(model, cfg)
         opt.load_state_dict(ckpt["optimizer"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         batch_rng.bit_generator.state = ckpt["batch_rng"]
@@ -139,13 +153,13 @@ def train(cfg, log=print):
         log(f"resuming from {ckpt_path} at iteration {iter_num}")
     else:
         model = GPT(cfg.model_config(meta["vocab_size"]))
-        opt = model.configure_optimizer(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        opt = make_optimizer(model, cfg)
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
         f"backend {backend.name}, {cfg.dtype}")
 
     def save(it, losses):
         save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "model": opt.master_state_dict(model), "optimizer": opt.state_dict(),
             "model_config": model.config.to_dict(), "train_config": asdict(cfg), "meta": meta,
             "iter_num": it, "best_val_loss": best_val, "val_loss": losses.get("val"),
             "batch_rng": _rng_state(batch_rng), "backend_rng": _rng_state(backend.rng())})
@@ -156,7 +170,12 @@ def train(cfg, log=print):
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.max_iters, initial=iter_num, unit="it", dynamic_ncols=True)
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    losses, history, t0, t_start = {}, [], time.time(), time.time()
+    losses, history, pending, t0, t_start = {}, [], [], time.time(), time.time()
+    if backend.name == "cupy":    # the split lives on the GPU and batches are drawn there
+        next_batch = DeviceBatches(train_data, cfg.batch_size, cfg.block_size, cfg.seed + iter_num)
+    else:
+        def next_batch():
+            return get_batch(train_data, cfg.batch_size, cfg.block_size, batch_rng)
     model.train()
     try:
         it = iter_num
@@ -178,23 +197,27 @@ def train(cfg, log=print):
             if it >= cfg.max_iters:
                 break
             for _ in range(cfg.gradient_accumulation_steps):
-                x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, batch_rng)
+                x, y = next_batch()
                 _, loss = model(x, y)
-                (loss * (1.0 / cfg.gradient_accumulation_steps)).backward()
-            if cfg.grad_clip > 0:
-                clip_grad_norm(model.parameters(), cfg.grad_clip)
-            opt.step()
+                opt.backward(loss * (1.0 / cfg.gradient_accumulation_steps))
+            opt.step()          # clips to grad_clip, skips (fp16) steps with inf/nan gradients
             opt.zero_grad()
             it += 1
-            lossf = float(loss.item())
-            history.append(lossf)
+            pending.append(loss.data)   # stays on the device until the next log line
             if bar:
                 bar.update(1)
-            if it % cfg.log_interval == 0:
+            if it % cfg.log_interval == 0 or it >= cfg.max_iters:
+                history.extend(float(v) for v in backend.to_numpy(backend.xp.stack(pending)))
+                pending.clear()
+                lossf = history[-1]
                 dt = time.time() - t0
                 t0 = time.time()
                 tps = tokens_per_iter * cfg.log_interval / max(dt, 1e-9)
-                log_f.write(json.dumps({"iter": it, "loss": lossf, "lr": lr, "tokens_per_s": tps}) + "\n")
+                rec = {"iter": it, "loss": lossf, "lr": lr, "tokens_per_s": tps,
+                       "grad_norm": float(opt.grad_norm)}
+                if opt.mixed:
+                    rec.update(loss_scale=opt.loss_scale, skipped_steps=opt.skipped_steps)
+                log_f.write(json.dumps(rec) + "\n")
                 if bar:
                     bar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
     finally:

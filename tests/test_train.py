@@ -8,7 +8,7 @@ import pytest
 from npgpt import backend
 from npgpt.checkpoint import save_checkpoint, load_checkpoint, CheckpointError
 from npgpt.cli import main
-from npgpt.data import get_batch
+from npgpt.data import get_batch, DeviceBatches
 from npgpt.train import TrainConfig, train
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
@@ -87,6 +87,50 @@ def test_get_batch_shapes_and_shift(xp):
     np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(x) + 1)
     with pytest.raises(ValueError, match="too few"):
         get_batch(data[:5], 1, 8, np.random.default_rng(0))
+
+
+def test_device_batches_are_shifted_windows(xp):
+    data = np.arange(1000, dtype=np.uint16)
+    sample = DeviceBatches(data, 64, 8, seed=3)
+    x, y = sample()
+    assert x.shape == y.shape == (64, 8) and backend.get_array_module(x) is xp and x.dtype == np.int64
+    x, y = backend.to_numpy(x), backend.to_numpy(y)
+    np.testing.assert_array_equal(y, x + 1)                          # next-token targets
+    np.testing.assert_array_equal(np.diff(x, axis=1), 1)             # consecutive windows
+    assert x.min() >= 0 and y.max() <= 999
+    starts = np.concatenate([backend.to_numpy(sample()[0][:, 0]) for _ in range(30)])
+    assert len(np.unique(starts)) > 500 and starts.max() <= 1000 - 8 - 1  # spread over all of [0, n)
+    again = backend.to_numpy(DeviceBatches(data, 64, 8, seed=3)()[0])
+    np.testing.assert_array_equal(again, x)                          # seeded
+    with pytest.raises(ValueError, match="too few"):
+        DeviceBatches(data[:5], 1, 8, seed=0)
+
+
+def test_mixed_precision_training_learns_and_resumes_exactly(tmp_path):
+    kw = dict(dtype="float16", max_iters=60, lr_decay_iters=60, eval_interval=30)
+    straight = train(tiny_cfg(tmp_path / "a", **kw), log=lambda *_: None)
+    assert straight["losses"][-1] < straight["losses"][0] - 0.5
+    ckpt = load_checkpoint(str(tmp_path / "a" / "out" / "ckpt.npz"))
+    assert all(v.dtype == np.float32 for v in ckpt["model"].values())   # fp32 master weights saved
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "out" / "log.jsonl")]
+    assert any("loss_scale" in r for r in rows)
+    train(tiny_cfg(tmp_path / "b", **{**kw, "max_iters": 30}), log=lambda *_: None)
+    second = train(tiny_cfg(tmp_path / "b", **kw, init_from="resume"), log=lambda *_: None)
+    assert second["losses"] == straight["losses"][30:]
+
+
+@pytest.mark.cupy
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_training_on_the_gpu(tmp_path, dtype):
+    if not backend.is_cupy_available():
+        pytest.skip("cupy backend: CuPy or a CUDA GPU is not available")
+    old = backend.name
+    try:
+        r = train(tiny_cfg(tmp_path, device="cuda", dtype=dtype, max_iters=60, lr_decay_iters=60,
+                           eval_interval=30), log=lambda *_: None)
+    finally:
+        backend.use(old)
+    assert r["losses"][-1] < r["losses"][0] - 0.5 and np.isfinite(r["val_loss"])
 
 
 def test_cli_train_and_sample_smoke(tmp_path, capsys):
