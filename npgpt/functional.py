@@ -75,8 +75,10 @@ _ONE_HOT_MAX_V = 128
 def _embedding_grad(ids, dout, V):
     """dW (V, C) with dW[v] = sum of dout[n] where ids[n] == v.  ids (N,), dout (N, C)."""
     xp = get_array_module(dout)
-    if xp is not np:
-        return backend.scatter_add(xp.zeros((V, dout.shape[1]), dout.dtype), ids, dout)
+    if xp is not np:   # atomic adds, accumulated in float32 for float16 gradients
+        acc = dout if dout.dtype.itemsize >= 4 else dout.astype(np.float32)
+        dweight = backend.scatter_add(xp.zeros((V, dout.shape[1]), acc.dtype), ids, acc)
+        return dweight if acc is dout else dweight.astype(dout.dtype)
     if V <= _ONE_HOT_MAX_V:
         return _embedding_grad_one_hot(ids, dout, V)
     return _embedding_grad_sorted(ids, dout, V)
