@@ -144,9 +144,11 @@ class FlatAdamW:
 
     def backward(self, loss):
         """Backpropagate ``loss`` times the loss scale (plain ``loss.backward()`` without scaling)."""
-        if self.scaled:
-            loss = loss * self._scale
-        loss.backward()
+        if not self.scaled:
+            loss.backward()
+            return
+        with np.errstate(over="ignore", invalid="ignore"):   # fp16 overflow is expected: step() skips it
+            (loss * self._scale).backward()
 
     def zero_grad(self):
         """All gradients to zero (one fill of the flat gradient buffer)."""

@@ -1,0 +1,67 @@
+"""The GPU's ceilings as CuPy sees them, to judge the kernels against (one short run):
+2-D GEMM TFLOP/s in fp32, TF32 and fp16; batched (attention-shaped) matmul in fp32 and fp16;
+device-to-device copy bandwidth; the CPU cost of one small kernel launch.
+
+    python benchmarks/gpu_probe.py
+"""
+import time
+
+import numpy as np
+
+from npgpt import backend
+
+
+def timeit(fn, reps=20):
+    """Median seconds of fn() measured with CUDA events, after 3 warm-up calls."""
+    cp = backend.xp
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return float(np.median(ts))
+
+
+def main():
+    cp = backend.use("cupy")
+    rng = cp.random.default_rng(0)
+    M, K, N = 16384, 768, 3072                          # (B*T, C) @ (C, 4C) of GPT-2 small
+    rows = []
+    for name, dt, tf32 in (("fp32", np.float32, False), ("tf32", np.float32, True), ("fp16", np.float16, False)):
+        backend.set_tf32(tf32)
+        a = rng.standard_normal((M, K), dtype=np.float32).astype(dt)
+        b = rng.standard_normal((K, N), dtype=np.float32).astype(dt)
+        t = timeit(lambda: a @ b)
+        rows.append((f"2-D GEMM {M}x{K}x{N} {name}", f"{2 * M * K * N / t / 1e12:.1f} TFLOP/s"))
+    backend.set_tf32(False)
+    BH, T, hs = 16 * 12, 1024, 64                       # (B*NH, T, hs) @ (B*NH, hs, T)
+    for name, dt in (("fp32", np.float32), ("fp16", np.float16)):
+        q = rng.standard_normal((BH, T, hs), dtype=np.float32).astype(dt)
+        k = rng.standard_normal((BH, hs, T), dtype=np.float32).astype(dt)
+        t = timeit(lambda: cp.matmul(q, k))
+        rows.append((f"batched matmul ({BH},{T},{hs})@({BH},{hs},{T}) {name}", f"{2 * BH * T * T * hs / t / 1e12:.1f} TFLOP/s"))
+    x = cp.empty(256 * 2 ** 20, dtype=np.uint8)
+    y = cp.empty_like(x)
+    t = timeit(lambda: y.__setitem__(slice(None), x))
+    rows.append(("device copy 256 MiB", f"{2 * x.nbytes / t / 1e12:.2f} TB/s (read + write)"))
+    z = cp.ones(1024, dtype=np.float32)
+    z *= 1.0
+    backend.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        z *= 1.0
+    t_launch = (time.perf_counter() - t0) / 2000
+    backend.synchronize()
+    rows.append(("small elementwise launch (CPU side)", f"{t_launch * 1e6:.1f} us"))
+    print("| probe | result |\n|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} |")
+
+
+if __name__ == "__main__":
+    main()
