@@ -17,7 +17,7 @@ import numpy as np
 __all__ = [
     "use", "name", "xp", "get_xp", "get_array_module", "to_numpy", "to_device", "is_cupy_available",
     "get_default_dtype", "set_default_dtype", "default_dtype", "seed", "rng", "scatter_add",
-    "set_tf32", "synchronize", "forbid_sync", "BackendError",
+    "set_tf32", "synchronize", "forbid_sync", "bmm", "BackendError",
 ]
 
 
@@ -202,6 +202,44 @@ def scatter_add(a, indices, values):
         import cupyx  # noqa: F401  (part of the cupy install)
         cupyx.scatter_add(a, indices, values)
     return a
+
+
+_CUDA_R = {np.dtype(np.float16): 2, np.dtype(np.float32): 0}   # cudaDataType: CUDA_R_16F, CUDA_R_32F
+_ONE, _ZERO = np.array(1.0, np.float32), np.array(0.0, np.float32)  # alpha, beta (host, float32)
+
+
+def bmm(a, b, trans_a=False, trans_b=False):
+    """Batched matrix product over the leading axes: op(a) @ op(b), op = swap of the last two axes
+    when ``trans_a`` / ``trans_b``.  a (..., M, K) [or (..., K, M)], b (..., K, N) [or (..., N, K)]
+    with equal leading axes -> (..., M, N).
+
+    On CuPy, float16 and float32 run as ONE cuBLAS ``gemmStridedBatchedEx`` with float32
+    accumulation on the tensor cores (TF32 for float32 after ``set_tf32``). ``cupy.matmul`` on
+    >= 3-D float16 arrays instead converts them to float32 and loses the tensor cores (measured on
+    an H100: 13.9 TFLOP/s vs 32 in float32 for attention-sized stacks). Elsewhere: ``xp.matmul``.
+    """
+    xp = get_array_module(a, b)
+    A = a.swapaxes(-1, -2) if trans_a else a
+    B = b.swapaxes(-1, -2) if trans_b else b
+    if (xp is np or a.dtype != b.dtype or a.dtype not in _CUDA_R or a.ndim < 3
+            or a.shape[:-2] != b.shape[:-2] or A.shape[-1] != B.shape[-2] or 0 in A.shape + B.shape):
+        return xp.matmul(A, B)
+    a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
+    M, K = A.shape[-2:]
+    N = B.shape[-1]
+    batch = int(np.prod(a.shape[:-2]))
+    c = xp.empty(a.shape[:-2] + (M, N), dtype=a.dtype)      # (..., M, N)
+    # cuBLAS is column-major, where a row-major C is C^T: compute C^T (N x M) = op(B)^T op(A)^T.
+    # A row-major (r, c) buffer is the column-major (c, r) matrix with leading dimension c.
+    op_b, ld_b = (1, K) if trans_b else (0, N)               # first operand: b's buffer
+    op_a, ld_a = (1, M) if trans_a else (0, K)               # second operand: a's buffer
+    dt = _CUDA_R[a.dtype]
+    compute = 77 if (a.dtype == np.float32 and _tf32) else 68  # CUBLAS_COMPUTE_32F(_FAST_TF32)
+    _cupy.cuda.cublas.gemmStridedBatchedEx(
+        _cupy.cuda.device.get_cublas_handle(), op_b, op_a, N, M, K, _ONE.ctypes.data,
+        b.data.ptr, dt, ld_b, K * N, a.data.ptr, dt, ld_a, M * K, _ZERO.ctypes.data,
+        c.data.ptr, dt, N, M * N, batch, compute, -1)         # -1: CUBLAS_GEMM_DEFAULT
+    return c
 
 
 _env = os.environ.get("NPGPT_BACKEND")

@@ -190,7 +190,7 @@ class Tensor:
             g = np.asarray(g)
         if self.grad is None:
             if self._backward is None or self._retain:
-                self.grad = g if owned and g.flags.writeable else g.copy()
+                self.grad = g if owned and getattr(g.flags, "writeable", True) else g.copy()  # CuPy: always
                 self._grad_owned = True
             else:
                 self.grad = g

@@ -105,8 +105,8 @@ def estimate_loss(model, splits, cfg, seed):
 
 def _rng_state(gen):
     """JSON-able state of a NumPy Generator (None for CuPy's, which is reseeded on resume)."""
-    bg = getattr(gen, "bit_generator", None)
-    return bg.state if bg is not None and hasattr(bg, "state") else None
+    state = getattr(getattr(gen, "bit_generator", None), "state", None)
+    return state if isinstance(state, dict) else None
 
 
 def load_model(out_dir):
