@@ -40,7 +40,8 @@ def linear(x, weight, bias=None):
         if weight.requires_grad:
             weight._accumulate(x2.T @ dout2, owned=True)    # (Cin, Cout) dweight
         if bias is not None and bias.requires_grad:
-            bias._accumulate(dout2.sum(axis=0), owned=True)  # (Cout,) dbias
+            acc = np.float32 if dout2.dtype == np.float16 else None  # fp16: sum in float32
+            bias._accumulate(dout2.sum(axis=0, dtype=acc).astype(dout2.dtype, copy=False), owned=True)  # (Cout,)
     parents = (x, weight) if bias is None else (x, weight, bias)
     return Tensor.from_op(out.reshape(x.shape[:-1] + (Cout,)), parents, backward, "linear")
 
