@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import backend
+from . import backend, kernels
 from .backend import get_array_module
 from .engine import Tensor
 
@@ -127,10 +127,17 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     with the means over the row and the sums over every axis but the last. Row and column sums use
     ``einsum`` ("ij->i"), 3x faster than ``.sum(-1)`` on (2048, 384) float32, and without the
     temporary of ``(a * b).sum()``. (Row blocks over the thread pool gave nothing here: measured.)
+    float16 input is normalized in float32 (μ, σ, x̂) and the output and gradients cast back.
+    On CuPy this runs as the kernels ``kernels.layer_norm_forward`` / ``_backward``.
     """
     xp = get_array_module(x.data)
     C = x.shape[-1]
     X = x.data.reshape(-1, C)                               # (N, C)
+    params = [t.data for t in (weight, bias) if t is not None]
+    if _use_kernels(xp, X, *params):
+        return _layer_norm_kernels(x, weight, bias, eps, X)
+    if X.dtype == np.float16:
+        X = X.astype(np.float32)                            # statistics in float32
     mu = xp.einsum("ij->i", X)[:, None]
     mu *= 1.0 / C                                           # (N, 1) μ
     xhat = X - mu                                           # (N, C) x - μ
@@ -145,11 +152,13 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
         out += bias.data
 
     def backward(dout):
-        dout2 = dout.reshape(-1, C)                         # (N, C)
+        dout2 = dout.reshape(-1, C).astype(X.dtype, copy=False)  # (N, C)
         if weight is not None and weight.requires_grad:
-            weight._accumulate(xp.einsum("ij,ij->j", dout2, xhat), owned=True)  # (C,) dweight
+            dw = xp.einsum("ij,ij->j", dout2, xhat)          # (C,) dweight
+            weight._accumulate(dw.astype(weight.dtype, copy=False), owned=True)
         if bias is not None and bias.requires_grad:
-            bias._accumulate(xp.einsum("ij->j", dout2), owned=True)     # (C,) dbias
+            db = xp.einsum("ij->j", dout2)                   # (C,) dbias
+            bias._accumulate(db.astype(bias.dtype, copy=False), owned=True)
         if x.requires_grad:
             dinp = dout2 * weight.data if weight is not None else dout2.copy()  # (N, C) g
             gxm = xp.einsum("ij,ij->i", dinp, xhat)[:, None]
@@ -160,7 +169,34 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
             gxm = xhat * gxm                                # (N, C) x̂ mean(g x̂)
             dinp -= gxm
             dinp *= rstd                                    # (N, C)
-            x._accumulate(dinp.reshape(x.shape))
+            x._accumulate(dinp.astype(x.dtype, copy=False).reshape(x.shape))
+    parents = tuple(t for t in (x, weight, bias) if t is not None)
+    return Tensor.from_op(out.astype(x.dtype, copy=False).reshape(x.shape), parents, backward, "layer_norm")
+
+
+def _use_kernels(xp, *arrays):
+    """Run the CuPy kernels of ``kernels.py``: CuPy arrays of one supported dtype, none empty, and
+    the kernels not switched off (NPGPT_FUSED=0 or ``kernels.ENABLED = False``)."""
+    return (xp is not np and kernels.enabled() and kernels.supports(arrays[0].dtype)
+            and all(a.dtype == arrays[0].dtype and a.size for a in arrays))
+
+
+def _layer_norm_kernels(x, weight, bias, eps, X):
+    """layer_norm on CuPy: one forward and two backward kernels (x̂ is recomputed from μ and 1/σ)."""
+    C = X.shape[1]
+    w, b = (t.data if t is not None else None for t in (weight, bias))
+    out, mean, rstd = kernels.layer_norm_forward(X, w, b, eps)          # (N, C), (N,), (N,)
+
+    def backward(dout):
+        need_dwb = any(t is not None and t.requires_grad for t in (weight, bias))
+        dinp, dw, db = kernels.layer_norm_backward(dout.reshape(-1, C), X, w, mean, rstd,
+                                                   need_dinp=x.requires_grad, need_dwb=need_dwb)
+        if weight is not None and weight.requires_grad:
+            weight._accumulate(dw, owned=True)              # (C,)
+        if bias is not None and bias.requires_grad:
+            bias._accumulate(db, owned=True)                # (C,)
+        if x.requires_grad:
+            x._accumulate(dinp.reshape(x.shape), owned=True)
     parents = tuple(t for t in (x, weight, bias) if t is not None)
     return Tensor.from_op(out.reshape(x.shape), parents, backward, "layer_norm")
 
@@ -177,19 +213,26 @@ def gelu(x):
         dy/dx = s (1/2 + x/2 (a + 3ab x^2) (2 - s))
     Both passes run in place (out=) with one temporary, split over a small thread pool for large
     NumPy arrays (ufuncs release the GIL; each element is computed exactly as without threads).
+    float16 input is computed in float32 and the output and gradient cast back. On CuPy this runs as
+    the kernels ``kernels.gelu_forward`` / ``gelu_backward`` (the backward recomputes s from x).
     """
     xp = get_array_module(x.data)
     X = xp.ascontiguousarray(x.data)
+    if _use_kernels(xp, X):
+        return Tensor.from_op(kernels.gelu_forward(X), (x,),
+                              lambda dout: x._accumulate(kernels.gelu_backward(X, dout), owned=True), "gelu")
+    if X.dtype == np.float16:
+        X = X.astype(np.float32)                            # (...) computed in float32
     out = xp.empty_like(X)                                  # (...) y
     s = xp.empty_like(X)                                    # (...) 1 + tanh u
     _run_chunked(_gelu_forward, X.reshape(-1), out.reshape(-1), s.reshape(-1))
 
     def backward(dout):
         dinp = xp.empty_like(X)                             # (...)
-        flat = (a.reshape(-1) for a in (X, s, xp.ascontiguousarray(dout), dinp))
+        flat = (a.reshape(-1) for a in (X, s, xp.ascontiguousarray(dout, dtype=X.dtype), dinp))
         _run_chunked(_gelu_backward, *flat)
-        x._accumulate(dinp)
-    return Tensor.from_op(out, (x,), backward, "gelu")
+        x._accumulate(dinp.astype(x.dtype, copy=False))
+    return Tensor.from_op(out.astype(x.dtype, copy=False), (x,), backward, "gelu")
 
 
 def _gelu_forward(X, out, s):
@@ -300,6 +343,12 @@ def cross_entropy(logits, targets, ignore_index=-100):
     loss = -(1/N) sum_n log p_n[t_n] over the N kept positions, and since d log p[t] / dx_j
     = δ_jt - p_j, dlogits_n = (p_n - onehot(t_n)) / N for kept rows, 0 for ignored ones.
     If every target is ignored (N = 0) the loss is 0 with a zero gradient (not NaN as 0/0 would be).
+    float16 logits: the log-softmax is computed in float32, the loss is float32 and dlogits float16.
+
+    A target outside [0, V) that is not ``ignore_index`` raises ValueError on NumPy. On CuPy, where
+    checking would make the host wait for the GPU, such a row is left out and the loss is NaN.
+    On CuPy this runs as the kernels ``kernels.cross_entropy_forward`` / ``_backward``, and N stays
+    on the device.
     """
     xp = get_array_module(logits.data)
     V = logits.shape[-1]
@@ -307,12 +356,26 @@ def cross_entropy(logits, targets, ignore_index=-100):
     t = backend.to_device(targets.data if isinstance(targets, Tensor) else targets).reshape(-1)  # (N,)
     if t.shape[0] != X.shape[0]:
         raise ValueError(f"targets have {t.shape[0]} positions but logits {X.shape[0]} (shape {logits.shape})")
+    if _use_kernels(xp, X):
+        return _cross_entropy_kernels(logits, X, t, ignore_index)
+    if X.dtype == np.float16:
+        X = X.astype(np.float32)                            # (N, V) log-softmax in float32
     keep = t != ignore_index                                # (N,)
-    n = int(keep.sum())
-    all_kept = n == t.shape[0]
-    tk = t if all_kept else xp.where(keep, t, 0)
-    if n and (int(tk.min()) < 0 or int(tk.max()) >= V):
-        raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    bad = None
+    if xp is np:
+        n = int(keep.sum())
+        all_kept = n == t.shape[0]
+        tk = t if all_kept else xp.where(keep, t, 0)
+        if n and (int(tk.min()) < 0 or int(tk.max()) >= V):
+            raise ValueError(f"targets must lie in [0, {V}) or equal ignore_index={ignore_index}")
+        inv_n = 1.0 / max(n, 1)
+    else:   # no host sync: out-of-range targets are left out and make the loss NaN
+        valid = (t >= 0) & (t < V)
+        bad = (keep & ~valid).any()                         # () on the device
+        keep &= valid
+        all_kept = False
+        tk = xp.where(keep, t, 0)
+        inv_n = (1.0 / xp.maximum(keep.sum(), 1)).astype(X.dtype)   # () 1/N on the device
     rows = xp.arange(X.shape[0])
     m = X.max(axis=-1, keepdims=True)                       # (N, 1)
     E = X - m
@@ -321,7 +384,9 @@ def cross_entropy(logits, targets, ignore_index=-100):
     logp = X[rows, tk] - m[:, 0] - xp.log(z[:, 0])          # (N,) log p[t]
     if not all_kept:
         logp *= keep
-    loss = (logp.sum() * (-1.0 / max(n, 1))).astype(X.dtype)
+    loss = (logp.sum() * -inv_n).astype(X.dtype)
+    if bad is not None:
+        loss = xp.where(bad, X.dtype.type(np.nan), loss)
 
     fresh = [E]
 
@@ -330,12 +395,28 @@ def cross_entropy(logits, targets, ignore_index=-100):
         dlogits = fresh.pop() if fresh else xp.exp(X - m)   # (N, V)
         dlogits /= z                                        # p
         dlogits[rows, tk] -= 1.0                            # p - onehot(t)
-        scale = dout * (1.0 / max(n, 1))
+        scale = dout * inv_n
         if all_kept:
             dlogits *= scale.astype(X.dtype)
         else:
             dlogits *= (keep * scale).astype(X.dtype)[:, None]
-        logits._accumulate(dlogits.reshape(logits.shape))   # (..., V)
+        logits._accumulate(dlogits.astype(logits.dtype, copy=False).reshape(logits.shape))   # (..., V)
+    return Tensor.from_op(loss, (logits,), backward, "cross_entropy")
+
+
+def _cross_entropy_kernels(logits, X, t, ignore_index):
+    """cross_entropy on CuPy, in three passes over (N, V) per training step: the forward reads the
+    logits once (an online max and sum of exponentials per row, keeping only lse (N,)); the backward
+    reads them again and writes dlogits = (e^(x - lse) - onehot) * dout / N in the same pass. That
+    is as few as llm.c's fused classifier (forward, then a second read that writes the gradient),
+    while dout (a loss scale, gradient accumulation) may be any device value and the logits stay
+    intact for the caller (no in-place overwrite)."""
+    t = t.astype(np.int64, copy=False)                      # (N,)
+    loss, lse, inv_n = kernels.cross_entropy_forward(X, t, ignore_index)  # (), (N,), ()
+
+    def backward(dout):
+        dlogits = kernels.cross_entropy_backward(dout, X, t, lse, inv_n, ignore_index)  # (N, V)
+        logits._accumulate(dlogits.reshape(logits.shape), owned=True)
     return Tensor.from_op(loss, (logits,), backward, "cross_entropy")
 
 
