@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Everything that needs an NVIDIA GPU, in one run (CuPy installed; no network needed):
-#   1. the kernel, attention and mixed-precision tests on CuPy (fastest to fail, most likely to),
-#   2. the GPT-2 124M / small training benchmark vs PyTorch (benchmarks/bench_gpu.py),
-#   3. a short real training run: Shakespeare with the GPT-2 tokenizer in fp16, then a sample,
-#   4. the whole test suite on CuPy (the xp fixture's cupy variants, float64 gradchecks included).
+#   suite:   the whole test suite on CuPy (the xp fixture's cupy variants, kernels against their NumPy
+#            twins, float64 gradchecks included), 8 pytest workers sharing the GPU,
+#   probe:   GEMM / copy / launch ceilings and attention materialized vs chunked (benchmarks/gpu_probe.py),
+#   bench:   GPT-2 124M / small training throughput vs PyTorch (benchmarks/bench_gpu.py),
+#   train:   a short real run, Shakespeare with the GPT-2 tokenizer in fp16, then a sample;
+#   kernels: only the kernel, attention, mixed-precision and training tests (a quick first look).
 # Logs go to $OUT (default ./gpu-out). Each stage has its own time limit (seconds, env overridable).
-#   bash benchmarks/gpu_checks.sh [stages...]      stages: kernels bench train suite (default: all)
+#   bash benchmarks/gpu_checks.sh [stages...]      (default: suite probe bench train)
 set -o pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NPGPT_HYPOTHESIS_PROFILE=${NPGPT_HYPOTHESIS_PROFILE:-quick}
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$PWD/.cupy-cache}
-STAGES=${*:-kernels bench train suite}
+STAGES=${*:-suite probe bench train}
 PYTEST="python3 -m pytest -p no:cacheprovider -q -W ignore::DeprecationWarning"
 { date -u; nvidia-smi -L; python3 -c "import cupy, numpy, sys; print('python', sys.version.split()[0], 'cupy', cupy.__version__, 'numpy', numpy.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
 
@@ -22,18 +24,20 @@ for stage in $STAGES; do
       timeout "${KERNEL_TIMEOUT:-150}" $PYTEST -m "cupy and not slow" -n 4 \
         tests/test_kernels.py tests/test_attention.py tests/test_mixed_precision.py tests/test_train.py 2>&1 \
         | tee "$OUT/kernel_tests.log" | tail -25 ;;
+    probe)
+      timeout "${PROBE_TIMEOUT:-90}" python3 benchmarks/gpu_probe.py 2>&1 | tee "$OUT/probe.txt" | tail -40 ;;
     bench)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_gpu.py --max-seconds "${BENCH_BUDGET:-200}" \
         --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | tail -30 ;;
     train)
       { [ -f data/shakespeare_gpt2/meta.json ] || python3 -m npgpt.cli prepare --tokenizer gpt2 --out data/shakespeare_gpt2 --no-progress
-        timeout "${TRAIN_TIMEOUT:-200}" python3 -m npgpt.cli train --config examples/shakespeare_gpt2_gpu.toml --progress=false
+        timeout "${TRAIN_TIMEOUT:-200}" python3 -m npgpt.cli train --config examples/shakespeare_gpt2_gpu.toml --progress=false ${TRAIN_ARGS}
         python3 -m npgpt.cli sample --out_dir out-shakespeare-gpt2-gpu --device cuda --start "ROMEO:" --max_new_tokens 120 --seed 1
         cp out-shakespeare-gpt2-gpu/log.jsonl "$OUT/train_log.jsonl"; } 2>&1 | tee "$OUT/train_gpu.log" | tail -30 ;;
     suite)
       timeout "${SUITE_TIMEOUT:-240}" $PYTEST -m "cupy and not slow" -n 8 2>&1 \
         | tee "$OUT/cupy_tests.log" | tail -25 ;;
-    *) echo "unknown stage $stage (kernels bench train suite)" ;;
+    *) echo "unknown stage $stage (suite probe bench train kernels)" ;;
   esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$OUT/gpu.txt"

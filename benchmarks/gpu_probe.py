@@ -58,9 +58,42 @@ def main():
     t_launch = (time.perf_counter() - t0) / 2000
     backend.synchronize()
     rows.append(("small elementwise launch (CPU side)", f"{t_launch * 1e6:.1f} us"))
+    rows += attention_rows(cp, timeit)
     print("| probe | result |\n|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} |")
+
+
+def attention_rows(cp, timeit):
+    """Attention forward + backward, materialized vs chunked (block heights), GPT-2 small shapes."""
+    import os
+    from npgpt import Tensor, attention
+    out = []
+    B, NH, hs = 16, 12, 64
+    for T in (256, 1024):
+        for name, dt in (("fp16", np.float16), ("fp32", np.float32)):
+            q, k, v = (Tensor(cp.random.standard_normal((B, NH, T, hs), dtype=np.float32).astype(dt),
+                              requires_grad=True) for _ in range(3))
+            g = cp.random.standard_normal((B, NH, T, hs), dtype=np.float32).astype(dt)
+            for impl, bq in (("materialized", None), ("chunked", "128"), ("chunked", "256"), ("chunked", "512")):
+                if bq:
+                    os.environ["NPGPT_ATTENTION_BLOCK_Q"] = bq
+                attention.set_impl(impl)
+
+                def step():
+                    y = attention.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    y.backward(g)
+                    for t in (q, k, v):
+                        t.grad = None
+                try:
+                    t = timeit(step, reps=5)
+                    res = f"{t * 1e3:.2f} ms fwd+bwd"
+                except Exception as e:          # report, keep probing
+                    res = f"error: {type(e).__name__}: {e}"[:120]
+                out.append((f"attention T={T} {name} {impl}{' block ' + bq if bq else ''}", res))
+            os.environ.pop("NPGPT_ATTENTION_BLOCK_Q", None)
+    attention.set_impl("auto")
+    return out
 
 
 if __name__ == "__main__":

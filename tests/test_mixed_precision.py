@@ -99,14 +99,14 @@ def test_flat_adamw_one_step_by_hand():
 
 def test_fp16_mixed_precision_keeps_fp32_master_and_tracks_fp32_training(xp):
     ref, amp = _model(), _model()
-    opt_ref = ref.configure_optimizer(3e-3, 0.1, (0.9, 0.95), flat=True, max_grad_norm=1.0)
-    opt_amp = amp.configure_optimizer(3e-3, 0.1, (0.9, 0.95), dtype="float16", max_grad_norm=1.0,
+    opt_ref = ref.configure_optimizer(1e-2, 0.1, (0.9, 0.95), flat=True, max_grad_norm=1.0)
+    opt_amp = amp.configure_optimizer(1e-2, 0.1, (0.9, 0.95), dtype="float16", max_grad_norm=1.0,
                                       init_scale=2.0 ** 10)
     assert all(p.dtype == np.float16 for p in amp.parameters())
     assert opt_amp.master.dtype == np.float32 and opt_amp.exp_avg.dtype == np.float32
     losses = {id(ref): [], id(amp): []}
+    x, y = _batch()                                     # one batch, learned by heart
     for step in range(12):
-        x, y = _batch(seed=step)
         for m, o in ((ref, opt_ref), (amp, opt_amp)):
             _, loss = m(x, y)
             assert loss.dtype == np.float32
@@ -119,8 +119,8 @@ def test_fp16_mixed_precision_keeps_fp32_master_and_tracks_fp32_training(xp):
     for p, w in zip(opt_amp.flat.params, opt_amp.flat.views(opt_amp.master)):
         np.testing.assert_array_equal(backend.to_numpy(p.data), backend.to_numpy(w).astype(np.float16))
     r, a = np.array(losses[id(ref)]), np.array(losses[id(amp)])
-    assert r[-1] < r[0] - 0.1                           # fp32 learns...
-    np.testing.assert_allclose(a, r, atol=0.02)         # ...and fp16 follows it within fp16 noise
+    assert r[-1] < r[0] - 0.3                           # fp32 learns...
+    np.testing.assert_allclose(a, r, atol=0.03)         # ...and fp16 follows it within fp16 noise
 
 
 def test_dynamic_loss_scaling_skips_non_finite_steps_and_regrows(xp):
