@@ -59,9 +59,56 @@ def main():
     backend.synchronize()
     rows.append(("small elementwise launch (CPU side)", f"{t_launch * 1e6:.1f} us"))
     rows += attention_rows(cp, timeit)
+    rows += step_rows(cp)
     print("| probe | result |\n|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} |")
+
+
+def step_rows(cp):
+    """Where a GPT-2 124M fp16 training step goes (B=16, T=1024): GPU time of forward, backward and
+    the optimizer step, and the CPU time to dispatch the whole step (if that is close to the step
+    time, Python and kernel launches are the bottleneck, not the GPU)."""
+    from npgpt import GPT, GPTConfig
+    out = []
+    for name, cfg, B in (("gpt2-124m", dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304), 16),
+                         ("small", dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65), 64)):
+        model = GPT(GPTConfig(dropout=0.0, **cfg))
+        opt = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), dtype="float16", max_grad_norm=1.0)
+        x = cp.random.randint(0, cfg["vocab_size"], (B, cfg["block_size"]))
+        parts = {"forward": [], "backward": [], "optimizer": [], "dispatch (CPU)": [], "step": []}
+        for i in range(8):
+            backend.synchronize()
+            t0 = time.perf_counter()
+            _, loss = model(x, x)
+            t1 = time.perf_counter()
+            opt.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            t2 = time.perf_counter()
+            backend.synchronize()
+            t3 = time.perf_counter()
+            _, loss = model(x, x)
+            backend.synchronize()
+            t4 = time.perf_counter()
+            opt.backward(loss)
+            backend.synchronize()
+            t5 = time.perf_counter()
+            opt.step()
+            opt.zero_grad()
+            backend.synchronize()
+            t6 = time.perf_counter()
+            if i >= 3:
+                parts["dispatch (CPU)"].append(t2 - t0)
+                parts["step"].append(t3 - t0)
+                parts["forward"].append(t4 - t3)
+                parts["backward"].append(t5 - t4)
+                parts["optimizer"].append(t6 - t5)
+        for k, v in parts.items():
+            out.append((f"{name} fp16 step: {k}", f"{np.median(v) * 1e3:.1f} ms"))
+        del model, opt
+        cp.get_default_memory_pool().free_all_blocks()
+    return out
 
 
 def attention_rows(cp, timeit):

@@ -69,9 +69,13 @@ if _impl not in IMPLS:
 #   T=1024  460-480 ms vs 450-465 ms (forward 200 -> 150, backward 275 -> 305: S is recomputed);
 #   T=2048  2.07 s vs 1.61 s.
 # Held from forward to backward at T=1024: 220 MiB vs 24 MiB; backward peak 484 vs 150 MiB.
-# So from 512 the chunked path costs no time and saves the (B, NH, T, T) tensors. CuPy: not yet
-# measured (NPGPT_ATTENTION=materialized|chunked to compare); the same rule until it is.
-CHUNKED_MIN_T = {"numpy": 512, "cupy": 512}
+# So from 512 the chunked path costs no time and saves the (B, NH, T, T) tensors.
+# CuPy on an H100 (B=16, NH=12, hs=64, forward + backward, benchmarks/gpu_probe.py, 2026-11-26):
+#   T=256   fp16 materialized 0.91 ms, chunked 1.07 / 0.75 / 0.74 ms (blocks of 128 / 256 / 512 rows);
+#           fp32 1.16 ms vs 1.05 / 0.93 / 0.91 ms;
+#   T=1024  fp16 10.27 ms vs 5.00 / 2.94 / 2.96 ms;  fp32 11.54 ms vs 5.77 / 5.71 / 6.09 ms.
+# So on the GPU the chunked path (256-row blocks) wins from T=256 on, 3.5x at T=1024 in fp16.
+CHUNKED_MIN_T = {"numpy": 512, "cupy": 256}
 
 _mask_cache = {}
 

@@ -34,7 +34,8 @@ def cp(monkeypatch):
 def close(got, ref, dtype, scale=1.0):
     """got (any backend, any dtype) equals the float64 reference to the dtype's tolerance."""
     got = to_numpy(got).astype(np.float64)
-    assert got.shape == np.shape(ref)
+    ref = to_numpy(ref).astype(np.float64)
+    assert got.shape == ref.shape
     assert np.isfinite(got).all()
     tol = TOL[dtype] * scale
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(np.abs(ref).max(initial=0), 1e-30))

@@ -81,7 +81,9 @@ def test_flat_adamw_equals_per_parameter_adamw_and_clip(xp, clip):
         if clip:
             assert float(opt_new.grad_norm) == pytest.approx(norm, rel=1e-4)
     for (n, a), (_, b) in zip(ref.named_parameters(), new.named_parameters()):
-        np.testing.assert_allclose(backend.to_numpy(b.data), backend.to_numpy(a.data), rtol=1e-5, atol=1e-6, err_msg=n)
+        # Adam's m/sqrt(v) is +-1 for any tiny gradient, so a near-zero gradient that differs in its last
+        # bits (another summation order on the GPU) moves a weight by up to lr per step: atol ~ 1e-3 lr
+        np.testing.assert_allclose(backend.to_numpy(b.data), backend.to_numpy(a.data), rtol=1e-5, atol=2e-5, err_msg=n)
 
 
 def test_flat_adamw_one_step_by_hand():
