@@ -81,7 +81,6 @@ def step_rows(cp):
             backend.synchronize()
             t0 = time.perf_counter()
             _, loss = model(x, x)
-            t1 = time.perf_counter()
             opt.backward(loss)
             opt.step()
             opt.zero_grad()

@@ -130,6 +130,10 @@ def train(cfg, log=print):
     backend.use("cupy" if cfg.device == "cuda" else "numpy")
     backend.set_tf32(cfg.tf32)
     backend.set_default_dtype("float32" if cfg.dtype == "float16" else cfg.dtype)  # fp16: fp32 master
+    if cfg.data != TrainConfig.data and not os.path.exists(os.path.join(cfg.data, "meta.json")):
+        raise FileNotFoundError(f"{cfg.data} holds no prepared data: run npgpt prepare --out {cfg.data} "
+                                f"[--input FILES] [--tokenizer char|gpt2] first (only the default "
+                                f"{TrainConfig.data} is prepared automatically)")
     meta = ensure_prepared(cfg.data)
     train_data, val_data = load_split(cfg.data, "train"), load_split(cfg.data, "val")
     os.makedirs(cfg.out_dir, exist_ok=True)

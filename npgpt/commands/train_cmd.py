@@ -112,7 +112,13 @@ def run_train(args):
     except ValueError as e:
         print(f"npgpt train: error: {e}", file=sys.stderr)
         return 2
-    result = train(cfg)
+    from ..backend import BackendError
+    from ..checkpoint import CheckpointError
+    try:
+        result = train(cfg)
+    except (FileNotFoundError, BackendError, CheckpointError) as e:
+        print(f"npgpt train: error: {e}", file=sys.stderr)
+        return 2
     print(f"done: {result['iter']} iterations in {result['seconds']:.0f} s; val loss {result['val_loss']:.4f}; "
           f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.npz')}")
     if not args.no_sample:
