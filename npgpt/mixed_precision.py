@@ -27,6 +27,7 @@ import numpy as np
 from . import backend
 from .engine import Tensor
 from .flat import FlatParameters
+from .optim import Optimizer
 
 __all__ = ["FlatAdamW"]
 
@@ -154,11 +155,7 @@ class FlatAdamW:
         """All gradients to zero (one fill of the flat gradient buffer)."""
         self.flat.zero_grad()
 
-    def set_lr(self, lr):
-        if lr < 0:
-            raise ValueError(f"learning rate must be >= 0, got {lr}")
-        for g in self.param_groups:
-            g["lr"] = lr
+    set_lr = Optimizer.set_lr        # every group's rate, from the next step on
 
     def step(self):
         """Unscale, check for inf/nan, clip, update the master weights and refresh the fp16 copy;
