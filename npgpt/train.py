@@ -159,7 +159,7 @@ def train(cfg, log=print):
         model = GPT(cfg.model_config(meta["vocab_size"]))
         opt = make_optimizer(model, cfg)
     if cfg.dtype == "float16" and backend.name == "numpy":
-        log("note: float16 on the CPU is ~50x slower than float32 (NumPy has no fp16 BLAS); it is there to "
+        log("note: float16 on the CPU is nearly 100x slower than float32 (NumPy has no fp16 BLAS); it is there to "
             "check mixed precision without a GPU. Train on the CPU with dtype=float32.")
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
         f"backend {backend.name}, {cfg.dtype}")
