@@ -51,7 +51,7 @@ import os
 import numpy as np
 
 from . import backend
-from .backend import get_array_module
+from .backend import bmm, get_array_module
 from .engine import Tensor
 from .functional import _run_chunked, _softmax_backward_rows, softmax_array
 from .ops import sum_to_shape
@@ -130,102 +130,6 @@ def scaled_dot_product_attention(q, k, v, is_causal=True, attn_mask=None, dropou
     return attention_materialized(q, k, v, is_causal, attn_mask, dropout_p)
 
 
-# ---- GEMMs -----------------------------------------------------------------------------------------
-
-_CUDA_R = {np.dtype(np.float16): 2, np.dtype(np.float32): 0}   # cudaDataType: CUDA_R_16F, CUDA_R_32F
-
-
-def _batch_layout(x):
-    """(ld, batch stride) in elements when ``x`` (..., R, C) is a cuBLAS strided batch: unit stride
-    along C, rows ld apart, and the leading axes one evenly strided run of matrices; else None."""
-    item = x.itemsize
-    if x.strides[-1] != item and x.shape[-1] > 1:
-        return None
-    ld = x.strides[-2] // item if x.shape[-2] > 1 else x.shape[-1]
-    if ld < x.shape[-1] or x.strides[-2] % item:
-        return None
-    lead = [(n, s) for n, s in zip(x.shape[:-2], x.strides[:-2]) if n > 1]
-    if not lead:
-        return ld, 0
-    for (n_out, s_out), (n_in, s_in) in zip(lead[:-1], lead[1:]):
-        if s_out != s_in * n_in:
-            return None
-    if lead[-1][1] <= 0 or lead[-1][1] % item:
-        return None
-    return ld, lead[-1][1] // item
-
-
-def _gemm(a, b, trans_a=False, trans_b=False, out=None, dtype=None, alpha=1.0, accumulate=False):
-    """alpha * op(a) @ op(b) over the leading (batch) axes, op = swap of the last two axes.
-
-    Into ``out`` (``+=`` when ``accumulate``; ``out`` may be a view such as dk[:, :, :end]) or a new
-    array of ``dtype`` (default a's). float16 operands are multiplied with float32 accumulation
-    and the result is rounded once to the output dtype, so float16 inputs may give float32 scores.
-    On CuPy, float16/float32 run as ONE cuBLAS gemmStridedBatchedEx straight on the (strided)
-    views, tensor cores for float16 (``cupy.matmul`` converts >= 3-D float16 to float32 and skips
-    them, see backend.bmm), alpha/beta applied by cuBLAS. Otherwise ``xp.matmul``.
-    """
-    xp = get_array_module(a, b)
-    dtype = np.dtype(dtype or a.dtype) if out is None else out.dtype
-    if xp is not np:
-        c = _cublas_gemm(xp, a, b, trans_a, trans_b, out, dtype, alpha, accumulate)
-        if c is not None:
-            return c
-    A = a.swapaxes(-1, -2) if trans_a else a
-    B = b.swapaxes(-1, -2) if trans_b else b
-    if A.dtype == np.float16:                                # NumPy float16 matmul has no BLAS and
-        A, B = A.astype(np.float32), B.astype(np.float32)    # rounds every partial sum: widen
-    if xp is np and out is not None and not accumulate and alpha == 1.0 and out.dtype == A.dtype:
-        return np.matmul(A, B, out=out)
-    r = xp.matmul(A, B)
-    if alpha != 1.0:
-        r *= alpha
-    if out is None:
-        return r if r.dtype == dtype else r.astype(dtype)
-    if accumulate:
-        out += r
-    else:
-        out[...] = r
-    return out
-
-
-def _cublas_gemm(xp, a, b, trans_a, trans_b, out, dtype, alpha, accumulate):
-    """The CuPy fast path of ``_gemm``: the result (``out`` or a new array), or None when it does
-    not apply (other dtypes, broadcasting, an ``out`` that is not one strided batch)."""
-    if a.dtype != b.dtype or a.dtype not in _CUDA_R or dtype not in _CUDA_R or a.ndim < 3 \
-            or a.shape[:-2] != b.shape[:-2] or (out is not None and out.shape[:-2] != a.shape[:-2]):
-        return None
-    M, K = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
-    N = b.shape[-2] if trans_b else b.shape[-1]
-    if (b.shape[-1] if trans_b else b.shape[-2]) != K or 0 in (M, N, K):
-        return None
-    c = xp.empty(a.shape[:-2] + (M, N), dtype) if out is None else out
-    if c.shape[-2:] != (M, N):
-        return None
-    la, lb, lc = _batch_layout(a), _batch_layout(b), _batch_layout(c)
-    if la is None:
-        a = xp.ascontiguousarray(a)
-        la = _batch_layout(a)
-    if lb is None:
-        b = xp.ascontiguousarray(b)
-        lb = _batch_layout(b)
-    if lc is None:
-        return None                                          # out is not one strided batch
-    batch = int(np.prod(a.shape[:-2]))
-    # cuBLAS is column-major, where a row-major (r, c) buffer with row stride ld is the column-major
-    # (c, r) matrix with leading dimension ld, i.e. its transpose: compute C^T = op(B)^T op(A)^T.
-    op_a, op_b = int(trans_a), int(trans_b)
-    ab_type, c_type = _CUDA_R[a.dtype], _CUDA_R[np.dtype(dtype)]
-    compute = 77 if (a.dtype == np.float32 and backend._tf32) else 68  # CUBLAS_COMPUTE_32F(_FAST_TF32)
-    alpha_h = np.array(alpha, np.float32)                    # host scalars, float32 for 32F compute
-    beta_h = np.array(1.0 if accumulate else 0.0, np.float32)
-    xp.cuda.cublas.gemmStridedBatchedEx(
-        xp.cuda.device.get_cublas_handle(), op_b, op_a, N, M, K, alpha_h.ctypes.data,
-        b.data.ptr, ab_type, lb[0], lb[1], a.data.ptr, ab_type, la[0], la[1], beta_h.ctypes.data,
-        c.data.ptr, c_type, lc[0], lc[1], batch, compute, -1)  # -1: CUBLAS_GEMM_DEFAULT
-    return c
-
-
 # ---- materialized -------------------------------------------------------------------------------
 
 def attention_materialized(q, k, v, is_causal=True, attn_mask=None, dropout_p=0.0):
@@ -236,7 +140,7 @@ def attention_materialized(q, k, v, is_causal=True, attn_mask=None, dropout_p=0.
     hs, Tq, Tk = Q.shape[-1], Q.shape[-2], K.shape[-2]
     scale = 1.0 / math.sqrt(hs)                              # Python float: keeps float32
     Qs = Q * scale                                           # (B, NH, Tq, hs) q / sqrt(hs)
-    S = _bcast_gemm(Qs, K, trans_b=True, dtype=sdt)          # (B, NH, Tq, Tk)
+    S = _bcastbmm(Qs, K, trans_b=True, dtype=sdt)          # (B, NH, Tq, Tk)
     if is_causal and Tq > 1:                                 # one query sees every key
         S += causal_bias(Tq, Tk, S.dtype, xp)
     if attn_mask is not None:
@@ -254,15 +158,15 @@ def attention_materialized(q, k, v, is_causal=True, attn_mask=None, dropout_p=0.
         drop, Pd = None, P
     if dtype != sdt:
         Pd = Pd.astype(dtype)                                # rounded for the GEMMs (float16)
-    out = _bcast_gemm(Pd, Vv)                                # (B, NH, Tq, hs)
+    out = _bcastbmm(Pd, Vv)                                # (B, NH, Tq, hs)
 
     def backward(dout):
         if v.requires_grad:
-            dv = _bcast_gemm(Pd, dout, trans_a=True)         # (B, NH, Tk, hs)
+            dv = _bcastbmm(Pd, dout, trans_a=True)         # (B, NH, Tk, hs)
             v._accumulate(sum_to_shape(dv, v.shape))
         if not (q.requires_grad or k.requires_grad):
             return
-        dS = _bcast_gemm(dout, Vv, trans_b=True, dtype=sdt)  # (B, NH, Tq, Tk) dP
+        dS = _bcastbmm(dout, Vv, trans_b=True, dtype=sdt)  # (B, NH, Tq, Tk) dP
         if drop is not None:
             dS *= drop
         dot = _row_dot(dout, out)[..., None]                 # (B, NH, Tq, 1) sum(dP * P), module doc
@@ -271,23 +175,23 @@ def attention_materialized(q, k, v, is_causal=True, attn_mask=None, dropout_p=0.
         if dtype != sdt:
             dS = dS.astype(dtype)
         if q.requires_grad:
-            dq = _bcast_gemm(dS, K, alpha=scale)             # (B, NH, Tq, hs)
+            dq = _bcastbmm(dS, K, alpha=scale)             # (B, NH, Tq, hs)
             q._accumulate(sum_to_shape(dq, q.shape))
         if k.requires_grad:
-            dk = _bcast_gemm(dS, Qs, trans_a=True)           # (B, NH, Tk, hs), scale inside Qs
+            dk = _bcastbmm(dS, Qs, trans_a=True)           # (B, NH, Tk, hs), scale inside Qs
             k._accumulate(sum_to_shape(dk, k.shape))
     return Tensor.from_op(out, (q, k, v), backward, "attention")
 
 
-def _bcast_gemm(a, b, trans_a=False, trans_b=False, dtype=None, alpha=1.0):
-    """``_gemm`` after broadcasting the leading axes of a and b against each other."""
+def _bcastbmm(a, b, trans_a=False, trans_b=False, dtype=None, alpha=1.0):
+    """``backend.bmm`` after broadcasting the leading axes of a and b against each other."""
     xp = get_array_module(a, b)
     lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     if a.shape[:-2] != lead:
         a = xp.broadcast_to(a, lead + a.shape[-2:])
     if b.shape[:-2] != lead:
         b = xp.broadcast_to(b, lead + b.shape[-2:])
-    return _gemm(a, b, trans_a, trans_b, dtype=dtype, alpha=alpha)
+    return bmm(a, b, trans_a, trans_b, dtype=dtype, alpha=alpha)
 
 
 def _row_dot(a, b):
@@ -376,7 +280,7 @@ def _chunked_forward(xp, Qs, K, Vv, n):
     lse = xp.empty(tuple(lead) + (Tq,), sdt)                 # (B, NH, Tq) log sum_j e^S
     fused = _fused_kernels(xp, dtype)
     for i0, i1, end in _blocks(Tq, Tk, n):
-        S = _gemm(Qs[..., i0:i1, :], K[..., :end, :], trans_b=True, dtype=sdt)  # (B, NH, n, end)
+        S = bmm(Qs[..., i0:i1, :], K[..., :end, :], trans_b=True, dtype=sdt)  # (B, NH, n, end)
         if fused is not None:                                # mask + softmax + lse + cast: one launch
             P = S if sdt == dtype else xp.empty(S.shape, dtype)
             fused.attention_softmax_forward(S, P, lse, i0)
@@ -386,7 +290,7 @@ def _chunked_forward(xp, Qs, K, Vv, n):
             _run_chunked(_softmax_lse_rows, S.reshape(-1, end), lse_blk.reshape(-1))
             lse[..., i0:i1] = lse_blk
             P = S if sdt == dtype else S.astype(dtype)
-        _gemm(P, Vv[..., :end, :], out=out[..., i0:i1, :])   # (B, NH, n, hs) y_blk = P v
+        bmm(P, Vv[..., :end, :], out=out[..., i0:i1, :])   # (B, NH, n, hs) y_blk = P v
     return out, lse
 
 
@@ -404,8 +308,8 @@ def _chunked_backward(xp, Qs, K, Vv, out, lse, dout, n, scale, need_q, need_k, n
     for i0, i1, end in _blocks(Tq, Tk, n):
         qs, do = Qs[..., i0:i1, :], dout[..., i0:i1, :]      # (B, NH, n, hs)
         Kb, Vb = K[..., :end, :], Vv[..., :end, :]           # (B, NH, end, hs)
-        S = _gemm(qs, Kb, trans_b=True, dtype=sdt)           # (B, NH, n, end) scores again
-        dP = _gemm(do, Vb, trans_b=True, dtype=sdt) if need_s else None
+        S = bmm(qs, Kb, trans_b=True, dtype=sdt)           # (B, NH, n, end) scores again
+        dP = bmm(do, Vb, trans_b=True, dtype=sdt) if need_s else None
         if fused is not None and need_s:                     # P, dS and their casts: one launch
             P = S if sdt == dtype else xp.empty(S.shape, dtype)
             dS = dP if sdt == dtype else xp.empty(S.shape, dtype)
@@ -422,11 +326,11 @@ def _chunked_backward(xp, Qs, K, Vv, out, lse, dout, n, scale, need_q, need_k, n
             P = S if sdt == dtype else S.astype(dtype)       # rounded for the GEMMs (float16)
             dS = None if not need_s else dP if sdt == dtype else dP.astype(dtype)
         if need_v:
-            _gemm(P, do, trans_a=True, out=dv[..., :end, :], accumulate=True)     # dv += P^T dy
+            bmm(P, do, trans_a=True, out=dv[..., :end, :], accumulate=True)     # dv += P^T dy
         if need_q:
-            _gemm(dS, Kb, out=dq[..., i0:i1, :], alpha=scale)                    # dq = dS k / sqrt(hs)
+            bmm(dS, Kb, out=dq[..., i0:i1, :], alpha=scale)                    # dq = dS k / sqrt(hs)
         if need_k:
-            _gemm(dS, qs, trans_a=True, out=dk[..., :end, :], accumulate=True)   # dk += dS^T q / sqrt(hs)
+            bmm(dS, qs, trans_a=True, out=dk[..., :end, :], accumulate=True)   # dk += dS^T q / sqrt(hs)
     return dq, _cast(dk, dtype), _cast(dv, dtype)
 
 

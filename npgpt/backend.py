@@ -205,40 +205,100 @@ def scatter_add(a, indices, values):
 
 
 _CUDA_R = {np.dtype(np.float16): 2, np.dtype(np.float32): 0}   # cudaDataType: CUDA_R_16F, CUDA_R_32F
-_ONE, _ZERO = np.array(1.0, np.float32), np.array(0.0, np.float32)  # alpha, beta (host, float32)
 
 
-def bmm(a, b, trans_a=False, trans_b=False):
-    """Batched matrix product over the leading axes: op(a) @ op(b), op = swap of the last two axes
-    when ``trans_a`` / ``trans_b``.  a (..., M, K) [or (..., K, M)], b (..., K, N) [or (..., N, K)]
-    with equal leading axes -> (..., M, N).
+def _batch_layout(x):
+    """(ld, batch stride) in elements when ``x`` (..., R, C) is a cuBLAS strided batch: unit stride
+    along C, rows ld apart, and the leading axes one evenly strided run of matrices; else None."""
+    item = x.itemsize
+    if x.strides[-1] != item and x.shape[-1] > 1:
+        return None
+    ld = x.strides[-2] // item if x.shape[-2] > 1 else x.shape[-1]
+    if ld < x.shape[-1] or x.strides[-2] % item:
+        return None
+    lead = [(n, s) for n, s in zip(x.shape[:-2], x.strides[:-2]) if n > 1]
+    if not lead:
+        return ld, 0
+    for (n_out, s_out), (n_in, s_in) in zip(lead[:-1], lead[1:]):
+        if s_out != s_in * n_in:
+            return None
+    if lead[-1][1] <= 0 or lead[-1][1] % item:
+        return None
+    return ld, lead[-1][1] // item
 
-    On CuPy, float16 and float32 run as ONE cuBLAS ``gemmStridedBatchedEx`` with float32
-    accumulation on the tensor cores (TF32 for float32 after ``set_tf32``). ``cupy.matmul`` on
-    >= 3-D float16 arrays instead converts them to float32 and loses the tensor cores (measured on
-    an H100: 13.9 TFLOP/s vs 32 in float32 for attention-sized stacks). Elsewhere: ``xp.matmul``.
+
+def bmm(a, b, trans_a=False, trans_b=False, out=None, dtype=None, alpha=1.0, accumulate=False):
+    """Batched matrix product over the leading axes: alpha * op(a) @ op(b), op = swap of the last two
+    axes when ``trans_a`` / ``trans_b``.  a (..., M, K) [or (..., K, M)], b (..., K, N) [or (..., N, K)]
+    -> (..., M, N).
+
+    Into ``out`` (``+=`` when ``accumulate``; ``out`` may be a view such as dk[:, :, :end]) or a new
+    array of ``dtype`` (default a's). float16 operands are multiplied with float32 accumulation
+    and the result is rounded once to the output dtype, so float16 inputs may give float32 results.
+    On CuPy, float16/float32 with equal leading axes run as ONE cuBLAS ``gemmStridedBatchedEx``
+    straight on the (strided) views, on the tensor cores (TF32 for float32 after ``set_tf32``);
+    ``cupy.matmul`` on >= 3-D float16 arrays instead converts them to float32 and loses the tensor
+    cores (measured on an H100: 13.9 TFLOP/s vs 32 in float32 for attention-sized stacks).
+    Otherwise ``xp.matmul``.
     """
     xp = get_array_module(a, b)
+    dtype = np.dtype(dtype or a.dtype) if out is None else out.dtype
+    if xp is not np:
+        c = _cublas_bmm(a, b, trans_a, trans_b, out, dtype, alpha, accumulate)
+        if c is not None:
+            return c
     A = a.swapaxes(-1, -2) if trans_a else a
     B = b.swapaxes(-1, -2) if trans_b else b
-    if (xp is np or a.dtype != b.dtype or a.dtype not in _CUDA_R or a.ndim < 3
-            or a.shape[:-2] != b.shape[:-2] or A.shape[-1] != B.shape[-2] or 0 in A.shape + B.shape):
-        return xp.matmul(A, B)
-    a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
-    M, K = A.shape[-2:]
-    N = B.shape[-1]
+    if A.dtype == np.float16:                                # NumPy float16 matmul has no BLAS and
+        A, B = A.astype(np.float32), B.astype(np.float32)    # rounds every partial sum: widen
+    if xp is np and out is not None and not accumulate and alpha == 1.0 and out.dtype == A.dtype:
+        return np.matmul(A, B, out=out)
+    r = xp.matmul(A, B)
+    if alpha != 1.0:
+        r *= alpha
+    if out is None:
+        return r if r.dtype == dtype else r.astype(dtype)
+    if accumulate:
+        out += r
+    else:
+        out[...] = r
+    return out
+
+
+def _cublas_bmm(a, b, trans_a, trans_b, out, dtype, alpha, accumulate):
+    """The CuPy fast path of ``bmm``: the result (``out`` or a new array), or None when it does
+    not apply (other dtypes, broadcasting, an ``out`` that is not one strided batch)."""
+    if a.dtype != b.dtype or a.dtype not in _CUDA_R or dtype not in _CUDA_R or a.ndim < 3 \
+            or a.shape[:-2] != b.shape[:-2] or (out is not None and out.shape[:-2] != a.shape[:-2]):
+        return None
+    M, K = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
+    N = b.shape[-2] if trans_b else b.shape[-1]
+    if (b.shape[-1] if trans_b else b.shape[-2]) != K or 0 in (M, N, K):
+        return None
+    c = _cupy.empty(a.shape[:-2] + (M, N), dtype) if out is None else out
+    if c.shape[-2:] != (M, N):
+        return None
+    la, lb, lc = _batch_layout(a), _batch_layout(b), _batch_layout(c)
+    if la is None:
+        a = _cupy.ascontiguousarray(a)
+        la = _batch_layout(a)
+    if lb is None:
+        b = _cupy.ascontiguousarray(b)
+        lb = _batch_layout(b)
+    if lc is None:
+        return None                                          # out is not one strided batch
     batch = int(np.prod(a.shape[:-2]))
-    c = xp.empty(a.shape[:-2] + (M, N), dtype=a.dtype)      # (..., M, N)
-    # cuBLAS is column-major, where a row-major C is C^T: compute C^T (N x M) = op(B)^T op(A)^T.
-    # A row-major (r, c) buffer is the column-major (c, r) matrix with leading dimension c.
-    op_b, ld_b = (1, K) if trans_b else (0, N)               # first operand: b's buffer
-    op_a, ld_a = (1, M) if trans_a else (0, K)               # second operand: a's buffer
-    dt = _CUDA_R[a.dtype]
+    # cuBLAS is column-major, where a row-major (r, c) buffer with row stride ld is the column-major
+    # (c, r) matrix with leading dimension ld, i.e. its transpose: compute C^T = op(B)^T op(A)^T.
+    op_a, op_b = int(trans_a), int(trans_b)
+    ab_type, c_type = _CUDA_R[a.dtype], _CUDA_R[np.dtype(dtype)]
     compute = 77 if (a.dtype == np.float32 and _tf32) else 68  # CUBLAS_COMPUTE_32F(_FAST_TF32)
+    alpha_h = np.array(alpha, np.float32)                    # host scalars, float32 for 32F compute
+    beta_h = np.array(1.0 if accumulate else 0.0, np.float32)
     _cupy.cuda.cublas.gemmStridedBatchedEx(
-        _cupy.cuda.device.get_cublas_handle(), op_b, op_a, N, M, K, _ONE.ctypes.data,
-        b.data.ptr, dt, ld_b, K * N, a.data.ptr, dt, ld_a, M * K, _ZERO.ctypes.data,
-        c.data.ptr, dt, N, M * N, batch, compute, -1)         # -1: CUBLAS_GEMM_DEFAULT
+        _cupy.cuda.device.get_cublas_handle(), op_b, op_a, N, M, K, alpha_h.ctypes.data,
+        b.data.ptr, ab_type, lb[0], lb[1], a.data.ptr, ab_type, la[0], la[1], beta_h.ctypes.data,
+        c.data.ptr, c_type, lc[0], lc[1], batch, compute, -1)  # -1: CUBLAS_GEMM_DEFAULT
     return c
 
 

@@ -249,13 +249,13 @@ def test_blocks_cover_the_queries_once():
         assert all(end == i1 + Tk - Tq and end <= Tk for _, i1, end in blocks)
 
 
-# ---- _gemm ---------------------------------------------------------------------------------------
+# ---- backend.bmm ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,out_dtype", [("float16", "float16"), ("float16", "float32"),
                                              ("float32", "float32"), ("float64", "float64")])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
 def test_gemm_on_views(xp, dtype, out_dtype, trans_a, trans_b):
-    """_gemm (cuBLAS gemmStridedBatchedEx on CuPy) on row-slices of (B, NH, T, hs) arrays, into a
+    """backend.bmm (cuBLAS gemmStridedBatchedEx on CuPy) on row-slices of (B, NH, T, hs) arrays, into a
     fresh array and into an ``out`` view (plain, scaled, accumulated), against float64 matmul."""
     rng = np.random.default_rng(0)
     big_a = rng.standard_normal((2, 3, 20, 6))
@@ -272,19 +272,19 @@ def test_gemm_on_views(xp, dtype, out_dtype, trans_a, trans_b):
     da, db = (xp.asarray(x.astype(dtype)) for x in (big_a, big_b))
     a_dev, b_dev = da[:, :, 2:9], (db[:, :, 5:12] if trans_a else db[:, :, 4:10] if not trans_b else db[:, :, 1:12])
     tol = {"float16": 1e-2, "float32": 1e-5, "float64": 1e-12}[dtype if out_dtype != "float16" else "float16"]
-    got = attention._gemm(a_dev, b_dev, trans_a, trans_b, dtype=out_dtype)
+    got = backend.bmm(a_dev, b_dev, trans_a, trans_b, dtype=out_dtype)
     assert got.dtype == np.dtype(out_dtype) and got.shape == want.shape
     np.testing.assert_allclose(to_numpy(got).astype(np.float64), want, rtol=tol, atol=tol)
     buf = xp.asarray(rng.standard_normal((2, 3, want.shape[-2] + 5, want.shape[-1])), dtype=out_dtype)
     before = to_numpy(buf).astype(np.float64)
     out = buf[:, :, 3:3 + want.shape[-2]]
-    attention._gemm(a_dev, b_dev, trans_a, trans_b, out=out, alpha=0.5, accumulate=True)
+    backend.bmm(a_dev, b_dev, trans_a, trans_b, out=out, alpha=0.5, accumulate=True)
     after = to_numpy(buf).astype(np.float64)
     np.testing.assert_allclose(after[:, :, 3:3 + want.shape[-2]], before[:, :, 3:3 + want.shape[-2]] + 0.5 * want,
                                rtol=tol, atol=3 * tol)
     np.testing.assert_array_equal(after[:, :, :3], before[:, :, :3])                 # rows around: untouched
     np.testing.assert_array_equal(after[:, :, 3 + want.shape[-2]:], before[:, :, 3 + want.shape[-2]:])
-    attention._gemm(a_dev, b_dev, trans_a, trans_b, out=out)
+    backend.bmm(a_dev, b_dev, trans_a, trans_b, out=out)
     np.testing.assert_allclose(to_numpy(out).astype(np.float64), want, rtol=tol, atol=tol)
 
 
@@ -295,19 +295,19 @@ def test_gemm_matches_matmul_cupy_fp16(xp):
     rng = np.random.default_rng(1)
     a = xp.asarray(rng.standard_normal((4, 6, 64, 64)), dtype=np.float16)
     b = xp.asarray(rng.standard_normal((4, 6, 64, 128)), dtype=np.float16)
-    np.testing.assert_allclose(to_numpy(attention._gemm(a, b)).astype(np.float32),
+    np.testing.assert_allclose(to_numpy(backend.bmm(a, b)).astype(np.float32),
                                to_numpy(xp.matmul(a, b)).astype(np.float32), rtol=2e-3, atol=2e-2)
 
 
 def test_batch_layout():
     x = np.zeros((2, 3, 10, 4), np.float32)
-    assert attention._batch_layout(x) == (4, 40)
-    assert attention._batch_layout(x[:, :, 2:7]) == (4, 40)
-    assert attention._batch_layout(x[:1, :1]) == (4, 0)
-    assert attention._batch_layout(x.swapaxes(-1, -2)) is None                  # columns not unit-stride
+    assert backend._batch_layout(x) == (4, 40)
+    assert backend._batch_layout(x[:, :, 2:7]) == (4, 40)
+    assert backend._batch_layout(x[:1, :1]) == (4, 0)
+    assert backend._batch_layout(x.swapaxes(-1, -2)) is None                  # columns not unit-stride
     qkv_ = np.zeros((2, 10, 3, 3, 4), np.float32).transpose(2, 0, 3, 1, 4)
-    assert attention._batch_layout(qkv_[0]) is None                             # (B, NH) not one stride
-    assert attention._batch_layout(np.zeros((3, 2, 5, 4)).transpose(1, 0, 2, 3)) is None
+    assert backend._batch_layout(qkv_[0]) is None                             # (B, NH) not one stride
+    assert backend._batch_layout(np.zeros((3, 2, 5, 4)).transpose(1, 0, 2, 3)) is None
 
 
 # ---- the fused CuPy kernels: their contract, checked on NumPy by a twin -------------------------
