@@ -25,9 +25,8 @@ scalar launches, and never copies to the host. On NumPy the same formulas run as
 import numpy as np
 
 from . import backend
-from .engine import Tensor
 from .flat import FlatParameters
-from .optim import Optimizer
+from .optim import AdamW, Optimizer
 
 __all__ = ["FlatAdamW"]
 
@@ -65,7 +64,7 @@ def _kernel(xp, kind):
     return k
 
 
-class FlatAdamW:
+class FlatAdamW(Optimizer):
     """AdamW (decoupled weight decay) over flat buffers, optionally in fp16 mixed precision.
 
     ``params``: a list of Parameters or of param-group dicts (``{"params": [...], "weight_decay":
@@ -79,22 +78,16 @@ class FlatAdamW:
     ``opt.zero_grad()``. Every parameter steps every time (an unused one has a zero gradient).
     ``opt.grad_norm`` (0-d array) is the last step's norm before clipping, and ``opt.loss_scale``
     the current scale; reading them as floats synchronizes with the GPU, so log them sparingly.
+    Param groups, their checks and ``set_lr`` are ``optim.Optimizer``'s (with AdamW's checks); the
+    state (flat moments, step, loss scale) is this class's own.
     """
+
+    _check_group = AdamW._check_group
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, dtype=None,
                  max_grad_norm=0.0, loss_scale="auto", init_scale=2.0 ** 16, growth_interval=2000,
                  fused=None):
-        groups = list(params)
-        if isinstance(params, Tensor) or not groups:
-            raise TypeError("params must be a non-empty list of Tensors or of param-group dicts")
-        if not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
-        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay)
-        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
-        for g in self.param_groups:
-            b1, b2 = g["betas"]
-            if g["lr"] < 0 or g["weight_decay"] < 0 or g["eps"] < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
-                raise ValueError(f"need lr, weight_decay, eps >= 0 and betas in [0, 1), got {defaults}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         if max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {max_grad_norm}")
         first = self.param_groups[0]["params"][0]
@@ -104,14 +97,11 @@ class FlatAdamW:
         self.mixed = compute.itemsize < 4                       # fp16 model, fp32 master weights
         master_dtype = np.dtype(np.float32) if self.mixed else compute
         plists = [g["params"] for g in self.param_groups]
-        if self.mixed:
+        if self.mixed:                                         # (N,) float32, before the cast to fp16
             xp = backend.get_array_module(first.data)
             master = xp.concatenate([p.data.reshape(-1).astype(master_dtype) for ps in plists for p in ps])
-            self.flat = FlatParameters(plists, compute)        # the model's fp16 weights and grads
-            self.master = master                               # (N,) float32
-        else:
-            self.flat = FlatParameters(plists, compute)
-            self.master = self.flat.data                       # the weights themselves
+        self.flat = FlatParameters(plists, compute)            # the model's weights and grads
+        self.master = master if self.mixed else self.flat.data  # without fp16: the weights themselves
         xp = self.xp = backend.get_array_module(self.master)
         self.exp_avg = xp.zeros_like(self.master)              # (N,) m
         self.exp_avg_sq = xp.zeros_like(self.master)           # (N,) v
@@ -130,7 +120,6 @@ class FlatAdamW:
         self.grad_norm = xp.asarray(0.0, dtype=np.float32)
         self.max_grad_norm = float(max_grad_norm)
         self.fused = fused if fused is not None else xp is not np
-        self.step_count = 0
 
     # ---- the user-facing loop ------------------------------------------------------------------
     @property
@@ -154,8 +143,6 @@ class FlatAdamW:
     def zero_grad(self):
         """All gradients to zero (one fill of the flat gradient buffer)."""
         self.flat.zero_grad()
-
-    set_lr = Optimizer.set_lr        # every group's rate, from the next step on
 
     def step(self):
         """Unscale, check for inf/nan, clip, update the master weights and refresh the fp16 copy;

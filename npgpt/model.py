@@ -129,7 +129,7 @@ class GPT(Module):
         if cfg.pos == "learned":
             pos = tr.wpe(backend.xp.arange(start, start + T)[None, :])           # (1, T, C)
         else:
-            pos = Tensor(self._pe[start:start + T][None])                        # (1, T, C)
+            pos = Tensor(self._pe[start:start + T][None].astype(tok.dtype, copy=False))  # (1, T, C) model dtype
         x = F.dropout(tok + pos, cfg.dropout, self.training)                     # (B, T, C)
         for i, block in enumerate(tr.h):
             x = block(x, None if cache is None else cache[i])
@@ -153,11 +153,8 @@ class GPT(Module):
                   {"params": no_decay, "weight_decay": 0.0}]
         if flat or dtype is not None:
             from .mixed_precision import FlatAdamW
-            opt = FlatAdamW(groups, lr=learning_rate, betas=betas, eps=eps, dtype=dtype,
-                            max_grad_norm=max_grad_norm, **kwargs)
-            if self.config.pos == "sinusoidal":
-                self._pe = self._pe.astype(opt.flat.dtype)       # the position table follows the model
-            return opt
+            return FlatAdamW(groups, lr=learning_rate, betas=betas, eps=eps, dtype=dtype,
+                             max_grad_norm=max_grad_norm, **kwargs)
         if max_grad_norm or kwargs:
             raise TypeError("max_grad_norm and mixed-precision options need flat=True")
         from .optim import AdamW

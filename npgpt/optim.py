@@ -224,7 +224,8 @@ class AdamW(Optimizer):
         self.fused = fused   # None: one fused kernel per parameter on CuPy; False: ufuncs everywhere
 
     def _check_group(self, group):
-        super()._check_group(group)
+        """The base checks, then betas in [0, 1) and eps >= 0 (shared with ``FlatAdamW``)."""
+        Optimizer._check_group(self, group)
         group["betas"] = tuple(float(b) for b in group["betas"])
         b1, b2 = group["betas"]
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
