@@ -215,11 +215,11 @@ def train(cfg, log=print):
                 bar.update(1)
             if it % cfg.log_interval == 0 or it >= cfg.max_iters:
                 history.extend(float(v) for v in backend.to_numpy(backend.xp.stack(pending)))
-                pending.clear()
                 lossf = history[-1]
                 dt = time.time() - t0
                 t0 = time.time()
-                tps = tokens_per_iter * cfg.log_interval / max(dt, 1e-9)
+                tps = tokens_per_iter * len(pending) / max(dt, 1e-9)   # the iterations since the last line
+                pending.clear()
                 rec = {"iter": it, "loss": lossf, "lr": lr, "tokens_per_s": tps,
                        "grad_norm": float(opt.grad_norm)}
                 if opt.mixed:
