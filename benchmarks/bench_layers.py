@@ -102,15 +102,32 @@ def cases(rng):
     }
 
 
+def embedding_backward_methods():
+    """The scatter-adds dW[ids[n]] += dout[n] compared here: the two of npgpt/layers/embedding.py
+    ((E2) sorted + reduceat, (E3) one-hot GEMM) and two that lost (np.add.at, a bincount per column)."""
+    from npgpt.layers.embedding import embedding_backward_one_hot, embedding_backward_sorted
+
+    def add_at(ids, dout, V):
+        dweight = np.zeros((V, dout.shape[1]), dout.dtype)
+        np.add.at(dweight, ids, dout)
+        return dweight
+
+    def bincount_per_column(ids, dout, V):
+        cols = [np.bincount(ids, weights=dout[:, c], minlength=V) for c in range(dout.shape[1])]
+        return np.stack(cols, axis=1).astype(dout.dtype)
+
+    return {"np.add.at": add_at, "sort + np.add.reduceat": embedding_backward_sorted,
+            "bincount per column": bincount_per_column, "one-hot matmul": embedding_backward_one_hot}
+
+
 def bench_embedding_backward(rng, repeat):
     """The scatter-add dW[ids[n]] += dout[n] by each method, at a small and a GPT-2-sized vocabulary."""
-    from npgpt.functional import _embedding_grad_methods
     rows = []
     for vocab in (65, 50257):
         ids = rng.integers(0, vocab, B * T)
         dout = rng.standard_normal((B * T, C)).astype(np.float32)
         ref = None
-        for name, fn in _embedding_grad_methods().items():
+        for name, fn in embedding_backward_methods().items():
             got = fn(ids, dout, vocab)
             ref = got if ref is None else ref
             err = float(np.abs(got - ref).max())
@@ -141,11 +158,12 @@ def main():
         print(f"{name:18s} {shape:24s} {tof * 1e3:8.2f}ms {ttf * 1e3:8.2f}ms {tof / ttf:6.2f}"
               f" {tob * 1e3:8.2f}ms {ttb * 1e3:8.2f}ms {tob / ttb:6.2f}")
     if not args.only or any("gelu" in s for s in args.only):
-        from npgpt import functional as F
+        from npgpt.layers._threads import run_chunked
+        from npgpt.layers.gelu import _gelu_forward_block
         h = rng.standard_normal((B * T, 4 * C)).astype(np.float32)
         out, s = np.empty_like(h), np.empty_like(h)
-        one = best_time(lambda: F._gelu_forward(h, out, s), args.repeat)
-        split = best_time(lambda: F._run_chunked(F._gelu_forward, h, out, s), args.repeat)
+        one = best_time(lambda: _gelu_forward_block(h, out, s), args.repeat)
+        split = best_time(lambda: run_chunked(_gelu_forward_block, h, out, s), args.repeat)
         print(f"\ngelu forward kernel on ({B * T},{4 * C}): one thread {one * 1e3:.2f}ms, "
               f"split over the pool {split * 1e3:.2f}ms")
     if not args.only or any("embedding" in s for s in args.only):

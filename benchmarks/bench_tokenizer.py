@@ -54,12 +54,12 @@ def bench_encode(text, repeat):
         return rows, f"{len(ours):,} tokens (tiktoken not installed: no comparison)", None
     ref = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": 50256},
                             mergeable_ranks=tiktoken.load.load_tiktoken_bpe(os.path.join(ASSETS, "gpt2.tiktoken")))
-    t_tk, theirs = best(lambda: ref.encode_ordinary(text), repeat)
-    rows.append((f"tiktoken {tiktoken.__version__}", t_tk))
+    t_tiktoken, theirs = best(lambda: ref.encode_ordinary(text), repeat)
+    rows.append((f"tiktoken {tiktoken.__version__}", t_tiktoken))
     exact = ours == theirs and ours_warm == theirs
     summary = (f"{len(ours):,} tokens, byte-exact with tiktoken: {exact}; npgpt/tiktoken throughput: "
-               f"cold {t_tk / t_cold:.2f}x, warm {t_tk / t_warm:.2f}x (target >= 0.5x)")
-    return rows, summary, t_tk / t_cold
+               f"cold {t_tiktoken / t_cold:.2f}x, warm {t_tiktoken / t_warm:.2f}x (target >= 0.5x)")
+    return rows, summary, t_tiktoken / t_cold
 
 
 def bench_train(text, vocab_size, repeat):

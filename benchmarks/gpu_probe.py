@@ -113,7 +113,8 @@ def step_rows(cp):
 def attention_rows(cp, timeit):
     """Attention forward + backward, materialized vs chunked (block heights), GPT-2 small shapes."""
     import os
-    from npgpt import Tensor, attention
+    from npgpt import Tensor
+    from npgpt.layers import attention
     out = []
     B, NH, hs = 16, 12, 64
     for T in (256, 1024):

@@ -56,15 +56,15 @@ def run(init_from, split, args, **cfg):
                                 args.per_work, args.seed)
     train, test = D.classification_split(examples, split, 0.2, args.seed, works)
     labels = C.label_ids(train)
-    xs, ys = C.encode_examples(train, tok.encode, labels, gpt.config.block_size)
-    xt, yt = C.encode_examples(test, tok.encode, labels, gpt.config.block_size)
+    train_seqs, train_labels = C.encode_examples(train, tok.encode, labels, gpt.config.block_size)
+    test_seqs, test_labels = C.encode_examples(test, tok.encode, labels, gpt.config.block_size)
     clf = C.GPTClassifier(gpt, len(labels))
     conf = C.ClassifyConfig(max_iters=args.max_iters, batch_size=args.batch_size, learning_rate=args.lr,
                             seed=args.seed, **cfg)
-    stats = C.train_classifier(clf, xs, ys, conf, log=None)
-    ev = C.evaluate_classifier(clf, xt, yt, len(labels))
-    return {"accuracy": ev["accuracy"], "majority": C.majority_baseline(ys, yt), "confusion": ev["confusion"],
-            "labels": labels, "n_train": len(train), "n_test": len(test), **stats}
+    stats = C.train_classifier(clf, train_seqs, train_labels, conf, log=None)
+    scores = C.evaluate_classifier(clf, test_seqs, test_labels, len(labels))
+    return {"accuracy": scores["accuracy"], "majority": C.majority_baseline(train_labels, test_labels),
+            "confusion": scores["confusion"], "labels": labels, "n_train": len(train), "n_test": len(test), **stats}
 
 
 def main():

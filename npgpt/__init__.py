@@ -19,6 +19,6 @@ __all__ = ["backend", "use", "get_array_module", "to_numpy", "seed", "Tensor", "
 from . import functional
 from .model import GPT, GPTConfig
 from .nn import Module, Parameter
-from . import hf  # attaches GPT.from_hf / GPT.save_hf
+from . import hf
 
-__all__ += ["functional", "GPT", "GPTConfig", "Module", "Parameter"]
+__all__ += ["functional", "hf", "GPT", "GPTConfig", "Module", "Parameter"]

@@ -238,7 +238,7 @@ def bmm(a, b, trans_a=False, trans_b=False, out=None, dtype=None, alpha=1.0, acc
     On CuPy, float16/float32 with equal leading axes run as ONE cuBLAS ``gemmStridedBatchedEx``
     straight on the (strided) views, on the tensor cores (TF32 for float32 after ``set_tf32``);
     ``cupy.matmul`` on >= 3-D float16 arrays instead converts them to float32 and loses the tensor
-    cores (measured on an H100: 13.9 TFLOP/s vs 32 in float32 for attention-sized stacks).
+    cores (RESULTS.md, "Tuning constants").
     Otherwise ``xp.matmul``.
     """
     xp = get_array_module(a, b)

@@ -6,16 +6,17 @@ Reverse mode (backpropagation; Rumelhart, Hinton & Williams 1986; Griewank & Wal
 by the chain rule. ``backward()`` orders the graph topologically (every node after all nodes that
 use it) and runs the closures from the output back to the leaves.
 
-The ops themselves live in ``ops.py`` (primitives) and ``functional.py`` (hand-derived fused
+The ops themselves live in ``ops.py`` (primitives) and ``layers/`` (hand-derived fused
 layers); each builds its output with ``Tensor.from_op(data, parents, backward)``.
 """
 import contextlib
+import numbers
 
 import numpy as np
 
 from . import backend
 
-__all__ = ["Tensor", "no_grad", "enable_grad", "is_grad_enabled", "as_array"]
+__all__ = ["Tensor", "no_grad", "enable_grad", "is_grad_enabled", "as_array", "sum_to_shape", "lift"]
 
 _grad_enabled = True
 
@@ -173,12 +174,30 @@ class Tensor:
 
     def zero_grad(self):
         """Forget the accumulated gradient: set ``.grad`` to None, or fill it with zeros when it is a
-        view of a flat gradient buffer (``npgpt.flat``), which must keep its place."""
+        view of a flat gradient buffer (``bind_grad_buffer``), which must keep its place."""
         if self._grad_fixed:
             self.grad.fill(0)
             return
         self.grad = None
         self._grad_owned = False
+
+    def bind_grad_buffer(self, grad):
+        """Make ``grad`` (an array shaped like this leaf, e.g. a view of a flat gradient buffer, see
+        ``npgpt.optim.flat``) this leaf's gradient for good: backward adds into it in place and
+        ``zero_grad`` fills it with zeros instead of dropping it. Raises ValueError when the leaf
+        is already bound to a buffer (see ``grad_is_bound``)."""
+        if self._grad_fixed:
+            raise ValueError("this parameter's gradient is already a view of another flat buffer")
+        if tuple(grad.shape) != tuple(self.shape):
+            raise ValueError(f"the gradient buffer has shape {tuple(grad.shape)} but the tensor has "
+                             f"shape {tuple(self.shape)}")
+        self.grad = grad
+        self._grad_owned = self._grad_fixed = True
+
+    @property
+    def grad_is_bound(self):
+        """True once ``bind_grad_buffer`` made ``.grad`` a fixed buffer (it is never rebound)."""
+        return self._grad_fixed
 
     # ---- reverse mode --------------------------------------------------------------------------
     def _accumulate(self, g, owned=False):
@@ -255,3 +274,27 @@ class Tensor:
                     stack.append((p, False))
         return order
 
+
+# ---- helpers shared by the ops ----------------------------------------------------------------
+
+def sum_to_shape(g, shape):
+    """Sum gradient ``g`` down to ``shape``: the adjoint of broadcasting ``shape`` up to ``g.shape``.
+
+    Leading axes that broadcasting added are summed away; axes where ``shape`` has size 1 are
+    summed with keepdims. Returns ``g`` itself when the shapes already match.
+    """
+    if g.shape == tuple(shape):
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+    g = g.sum(axis=axes, keepdims=True) if axes else g
+    return g.reshape(shape)
+
+
+def lift(x, like):
+    """A Tensor for ``x``; Python numbers take ``like``'s dtype so float32 stays float32."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, numbers.Number) and like is not None and like.dtype.kind == "f":
+        return Tensor(as_array(x, like.dtype))
+    return Tensor(x)

@@ -1,4 +1,4 @@
-"""The gradient checks ``npgpt gradcheck`` runs for the fused layers of ``functional.py``.
+"""The gradient checks ``npgpt gradcheck`` runs for the fused layers (``npgpt/layers/``, by their ``functional`` names).
 
 Like ``opchecks.py``: each entry is the layer as a function of Tensors and a maker of random
 float64 inputs. Integer inputs (ids, targets) are closed over, so only float inputs are checked.

@@ -260,6 +260,3 @@ def save_hf(model, path, meta=None):
         os.remove(meta_path)
     return path
 
-
-GPT.from_hf = staticmethod(from_hf)
-GPT.save_hf = save_hf

@@ -22,70 +22,13 @@ import numpy as np
 
 from . import backend
 from .checkpoint import save_checkpoint, load_checkpoint, CheckpointError
-from .engine import Tensor
+from .layers.lora import lora_linear
 from .nn import Module, Linear, Parameter
 
 __all__ = ["lora_linear", "LoRALinear", "apply_lora", "merge_lora", "save_lora", "load_lora",
            "lora_parameters", "trainable_parameters", "named_modules", "DEFAULT_TARGETS"]
 
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj")
-
-
-def lora_linear(x, weight, bias, A, B, scale, dropout_p=0.0):
-    """y = x W + b + scale * (x ⊙ M) A B in one node.  x (..., Cin), W (Cin, Cout), b (Cout,) or None,
-    A (Cin, r), B (r, Cout) -> (..., Cout).  M is an inverted-dropout mask (1/(1-p) or 0 per element
-    of x, drawn here when dropout_p > 0; all ones otherwise).
-
-    Backward. Flatten x to X (N, Cin) and dY = dL/dy to (N, Cout); let Xd = X ⊙ M and H = Xd A (N, r).
-    y = X W + b + s H B is linear in each of W, b, B and H, and H is linear in A and Xd, so
-        dW = X^T dY                 db = sum_n dY[n]
-        dB = s H^T dY               dH = s dY B^T          (N, r)
-        dA = Xd^T dH                dXd = dH A^T           (N, Cin)
-        dX = dY W^T + dXd ⊙ M       (the mask passes the gradient where it passed the input)
-    The low-rank path costs two thin GEMMs each way (N x Cin x r, N x r x Cout) next to the
-    base layer's N x Cin x Cout.
-    """
-    W, Ad, Bd = weight.data, A.data, B.data
-    Cin, Cout = W.shape
-    X = x.data.reshape(-1, Cin)                               # (N, Cin)
-    if dropout_p > 0.0:
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout_p}")
-        keep = backend.rng().random(X.shape, dtype=X.dtype) >= dropout_p
-        mask = keep * X.dtype.type(1.0 / (1.0 - dropout_p))   # (N, Cin)
-        Xd = X * mask
-    else:
-        mask, Xd = None, X
-    H = Xd @ Ad                                               # (N, r)
-    Hs = H * X.dtype.type(scale)                              # s H (N, r)
-    out = X @ W                                               # (N, Cout)
-    out += Hs @ Bd
-    if bias is not None:
-        out += bias.data
-
-    def backward(dout):
-        dY = dout.reshape(-1, Cout)                           # (N, Cout)
-        if weight.requires_grad:
-            weight._accumulate(X.T @ dY)                      # (Cin, Cout)
-        if bias is not None and bias.requires_grad:
-            bias._accumulate(dY.sum(axis=0))                  # (Cout,)
-        if B.requires_grad:
-            B._accumulate(Hs.T @ dY)                          # (r, Cout)
-        if not (A.requires_grad or x.requires_grad):
-            return
-        dH = dY @ Bd.T                                        # (N, r)
-        dH *= X.dtype.type(scale)
-        if A.requires_grad:
-            A._accumulate(Xd.T @ dH)                          # (Cin, r)
-        if x.requires_grad:
-            dXd = dH @ Ad.T                                   # (N, Cin)
-            if mask is not None:
-                dXd *= mask
-            dX = dY @ W.T
-            dX += dXd
-            x._accumulate(dX.reshape(x.shape))                # (..., Cin)
-    parents = tuple(t for t in (x, weight, bias, A, B) if t is not None)
-    return Tensor.from_op(out.reshape(x.shape[:-1] + (Cout,)), parents, backward, "lora_linear")
 
 
 class LoRALinear(Module):

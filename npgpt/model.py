@@ -12,8 +12,9 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .engine import Tensor, no_grad
-from .nn import Module, ModuleList, Embedding, LayerNorm, Block
+from .engine import Tensor
+from .nn import Module, ModuleList, Embedding, LayerNorm, Block, cache_len
+from .sampling import generate, generate_stream
 
 __all__ = ["GPTConfig", "GPT"]
 
@@ -143,22 +144,30 @@ class GPT(Module):
                             flat=False, dtype=None, max_grad_norm=0.0, **kwargs):
         """AdamW with weight decay on matrices only (>= 2-D: embeddings and linear weights), as GPT-2.
 
-        ``flat=True`` (implied by ``dtype``) returns a ``mixed_precision.FlatAdamW``: all parameters
-        become views of one buffer, the step (with global-norm clipping at ``max_grad_norm``) is one
-        pass, and ``dtype="float16"`` trains in fp16 with float32 master weights and dynamic loss
-        scaling. Otherwise the per-parameter ``optim.AdamW`` (clip with ``optim.clip_grad_norm``)."""
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        ``flat=True`` (implied by ``dtype``) returns an ``optim.FlatAdamW``: all parameters become
+        views of one buffer, the step (with global-norm clipping at ``max_grad_norm``) is one pass,
+        and ``dtype="float16"`` trains in fp16 with float32 master weights and dynamic loss scaling.
+        Otherwise the per-parameter ``optim.AdamW`` (clip with ``optim.clip_grad_norm``)."""
+        from .optim import AdamW, FlatAdamW, decay_groups
+        groups = decay_groups(self.parameters(), weight_decay)
         if flat or dtype is not None:
-            from .mixed_precision import FlatAdamW
             return FlatAdamW(groups, lr=learning_rate, betas=betas, eps=eps, dtype=dtype,
                              max_grad_norm=max_grad_norm, **kwargs)
         if max_grad_norm or kwargs:
             raise TypeError("max_grad_norm and mixed-precision options need flat=True")
-        from .optim import AdamW
         return AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+
+    @classmethod
+    def from_hf(cls, path, dtype=None):
+        """A GPT (eval mode) holding a Hugging Face GPT-2 checkpoint directory's weights; see
+        ``npgpt.hf.from_hf``. ``GPT.from_hf("gpt2")`` for a local copy of GPT-2 small."""
+        from .hf import from_hf   # hf builds a GPT: imported here, not at module level
+        return from_hf(path, dtype)
+
+    def save_hf(self, path, meta=None):
+        """Write this model as a Hugging Face GPT-2 directory; see ``npgpt.hf.save_hf``."""
+        from .hf import save_hf
+        return save_hf(self, path, meta)
 
     def estimate_flops_per_token(self):
         """6N + 12 L H Q T (the PaLM/nanoGPT estimate of training FLOPs per token)."""
@@ -169,25 +178,9 @@ class GPT(Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
                  eos_token=None, use_cache=True):
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); see ``npgpt.sampling.generate``."""
-        from .sampling import generate
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_token, use_cache)
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
                         eos_token=None, use_cache=True):
         """Yield the new tokens one step at a time as arrays (B,); see ``npgpt.sampling.generate_stream``."""
-        from .sampling import generate_stream
         return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_token, use_cache)
-
-
-def cache_len(cache):
-    """Number of positions already held in a KV cache (0 for None or empty)."""
-    if not cache or "k" not in cache[0]:
-        return 0
-    return cache[0]["k"].shape[2]
-
-
-@no_grad()
-def logits_last(model, idx, cache=None):
-    """Logits (B, V) of the last position, as an array."""
-    logits, _ = model(idx, cache=cache)
-    return logits.data[:, -1, :]

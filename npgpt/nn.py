@@ -1,4 +1,4 @@
-"""Modules: parameters with names, and the layers of a GPT-2 block built from ``functional.py``.
+"""Modules: parameters with names, and the layers of a GPT-2 block built from the fused layers (``functional``).
 
 A Module finds its parameters by walking its attributes in the order they were set, so names come
 out as GPT-2's (``transformer.h.0.attn.c_attn.weight``) and Hugging Face weights load by name.
@@ -12,7 +12,7 @@ from . import backend
 from . import functional as F
 from .engine import Tensor
 
-__all__ = ["Parameter", "Module", "ModuleList", "Linear", "LayerNorm", "Embedding", "MLP",
+__all__ = ["Parameter", "Module", "ModuleList", "Linear", "LayerNorm", "Embedding", "MLP", "cache_len",
            "CausalSelfAttention", "Block"]
 
 
@@ -217,3 +217,10 @@ class Block(Module):
     def forward(self, x, cache=None):
         x = x + self.attn(self.ln_1(x), cache)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))
+
+
+def cache_len(cache):
+    """Number of positions already held in a KV cache (0 for None or empty)."""
+    if not cache or "k" not in cache[0]:
+        return 0
+    return cache[0]["k"].shape[2]

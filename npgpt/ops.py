@@ -11,37 +11,16 @@ import numbers
 import numpy as np
 
 from .backend import get_array_module
-from .engine import Tensor, as_array
+from .engine import Tensor, sum_to_shape, lift as _lift
+from .shape_ops import (reshape, transpose, getitem, concatenate, stack, split,
+                        where, masked_fill)
 
 __all__ = ["sum_to_shape", "add", "sub", "mul", "div", "power", "matmul", "neg", "exp", "log", "tanh",
            "sqrt", "relu", "abs", "sum", "mean", "max", "var", "reshape", "transpose", "getitem",
            "concatenate", "stack", "split", "where", "masked_fill"]
-# shape and selection ops live in shape_ops.py; they are re-exported here (end of file)
+# shape and selection ops live in shape_ops.py and sum_to_shape in engine.py; they are re-exported here
 
 _builtin_abs, _builtin_max, _builtin_sum = abs, max, sum
-
-
-def sum_to_shape(g, shape):
-    """Sum gradient ``g`` down to ``shape``: the adjoint of broadcasting ``shape`` up to ``g.shape``.
-
-    Leading axes that broadcasting added are summed away; axes where ``shape`` has size 1 are
-    summed with keepdims. Returns ``g`` itself when the shapes already match.
-    """
-    if g.shape == tuple(shape):
-        return g
-    lead = g.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
-    g = g.sum(axis=axes, keepdims=True) if axes else g
-    return g.reshape(shape)
-
-
-def _lift(x, like):
-    """A Tensor for ``x``; Python numbers take ``like``'s dtype so float32 stays float32."""
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, numbers.Number) and like is not None and like.dtype.kind == "f":
-        return Tensor(as_array(x, like.dtype))
-    return Tensor(x)
 
 
 # ---- elementwise binary ------------------------------------------------------------------------
@@ -272,7 +251,6 @@ def var(x, axis=None, keepdims=False, ddof=0):
 # ---- Tensor methods and operators --------------------------------------------------------------
 
 def _install():
-    from .shape_ops import reshape, transpose, getitem, split, masked_fill
     T = Tensor
     T.__add__ = lambda a, b: add(a, b)
     T.__radd__ = lambda a, b: add(b, a)
@@ -296,6 +274,3 @@ def _install():
 
 
 _install()
-
-from .shape_ops import (reshape, transpose, getitem, concatenate, stack, split,  # noqa: E402
-                        where, masked_fill)

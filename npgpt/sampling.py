@@ -9,7 +9,7 @@ import numpy as np
 
 from . import backend
 from .engine import no_grad
-from .model import logits_last, cache_len
+from .nn import cache_len
 
 __all__ = ["generate", "generate_stream", "sample_from_logits"]
 
@@ -103,3 +103,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         model, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_token, use_cache)]
     out = xp.concatenate([idx] + new, axis=1)
     return out[0] if squeeze else out
+
+
+@no_grad()
+def logits_last(model, idx, cache=None):
+    """Logits (B, V) of the last position, as an array."""
+    logits, _ = model(idx, cache=cache)
+    return logits.data[:, -1, :]

@@ -11,8 +11,7 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .engine import Tensor, as_array
-from .ops import sum_to_shape, _lift
+from .engine import Tensor, as_array, lift, sum_to_shape
 
 __all__ = ["reshape", "transpose", "getitem", "concatenate", "stack", "split", "where", "masked_fill"]
 
@@ -71,7 +70,7 @@ def getitem(x, idx):
 
 def concatenate(tensors, axis=0):
     """Join tensors along an existing axis. The gradient is sliced back into the pieces."""
-    tensors = [_lift(t, None) for t in tensors]
+    tensors = [lift(t, None) for t in tensors]
     xp = get_array_module(*[t.data for t in tensors])
     out = xp.concatenate([t.data for t in tensors], axis=axis)
     bounds = np.cumsum([0] + [t.shape[axis] for t in tensors])
@@ -87,7 +86,7 @@ def concatenate(tensors, axis=0):
 
 def stack(tensors, axis=0):
     """Join same-shape tensors along a new axis. The gradient is split along that axis."""
-    tensors = [_lift(t, None) for t in tensors]
+    tensors = [lift(t, None) for t in tensors]
     xp = get_array_module(*[t.data for t in tensors])
     out = xp.stack([t.data for t in tensors], axis=axis)
 
@@ -121,7 +120,7 @@ def split(x, indices_or_sections, axis=0):
 def where(cond, a, b):
     """Elementwise ``a`` where ``cond`` else ``b`` (broadcasting). The gradient flows to the chosen one."""
     cond = as_array(cond)
-    a, b = _lift(a, getattr(b, "data", None)), _lift(b, getattr(a, "data", None))
+    a, b = lift(a, getattr(b, "data", None)), lift(b, getattr(a, "data", None))
     xp = get_array_module(a.data, b.data)
     out = xp.where(cond, a.data, b.data)
 

@@ -1,7 +1,8 @@
-"""The two attention implementations of ``npgpt.attention``: the chunked (query-block, causal) path
-against the materialized one and against attention composed from engine primitives in float64
-(forward and the gradients of q, k and v), its float64 gradcheck, float16 against a float64
-reference, the causal mask, the dispatch rule, the GEMM wrapper and the CuPy kernels' contract.
+"""The two attention implementations of ``npgpt.layers.attention`` (materialized) and
+``npgpt.layers.attention_chunked`` (query blocks, causal): the chunked path against the materialized
+one and against ``attention_reference`` (composed from engine primitives) in float64 (forward and the
+gradients of q, k and v), its float64 gradcheck, float16 against a float64 reference, the causal mask,
+the dispatch rule, the GEMM wrapper and the CUDA kernels' contract.
 
 Timing on NumPy (2 cores, B=8, NH=6, hs=64, float32): python tests/test_attention.py [T ...]
 """
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from npgpt import Tensor, attention, backend, gradcheck, ops
+from npgpt import Tensor, backend, gradcheck
 from npgpt.backend import to_numpy
+from npgpt.layers import _cuda, attention, attention_chunked, tuning
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -21,13 +23,7 @@ def normal(seed, *shape):
     return np.random.default_rng(seed).normal(size=shape)
 
 
-def reference(q, k, v):
-    """Causal (end-aligned) attention composed from engine primitives: the float64 oracle."""
-    Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
-    s = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))            # (B, NH, Tq, Tk)
-    s = s.masked_fill(np.triu(np.ones((Tq, Tk), bool), k=Tk - Tq + 1), -np.inf)
-    e = ops.exp(s - s.max(axis=-1, keepdims=True))
-    return (e / e.sum(axis=-1, keepdims=True)) @ v
+reference = attention.attention_reference      # from engine primitives: the float64 oracle
 
 
 def chunked(block_q):
@@ -123,7 +119,8 @@ def test_future_tokens_do_not_leak(xp, impl, monkeypatch):
     bit-identical, and their gradients reach no key or value at >= t. Fails if the mask is off by one
     in either direction (in the forward or in the backward's recomputed P)."""
     monkeypatch.setattr(attention, "_impl", impl)
-    monkeypatch.setattr(attention, "CHUNKED_MIN_T", {"numpy": 1, "cupy": 1})
+    for kind in ("numpy", "cupy"):
+        monkeypatch.setitem(tuning.TUNING[kind], "attention_chunked_min_t", 1)
     B, NH, T, hs, t = 2, 2, 13, 4, 6
     (q, k, v), _ = qkv(xp, 11, B, NH, T, T, hs)
     fn = attention.scaled_dot_product_attention
@@ -205,7 +202,7 @@ def _spy(monkeypatch):
 
 def test_dispatch(monkeypatch):
     calls = _spy(monkeypatch)
-    T = attention.CHUNKED_MIN_T["numpy"]
+    T = tuning.tuned(np, "attention_chunked_min_t")
     t = max(T - 1, 1)
     big = [Tensor(np.zeros((1, 1, T, 2), np.float32))] * 3
     small = [Tensor(np.zeros((1, 1, t, 2), np.float32))] * 3
@@ -235,16 +232,16 @@ def test_dispatch(monkeypatch):
 def test_block_rows(monkeypatch):
     monkeypatch.delenv("NPGPT_ATTENTION_BLOCK_Q", raising=False)
     for BH, Tq, Tk in [(48, 1024, 1024), (48, 256, 256), (1, 5, 5), (4096, 4096, 4096), (1, 100000, 100000)]:
-        n = attention._block_rows(BH, Tq, Tk, np)
+        n = attention_chunked.block_rows(BH, Tq, Tk, np)
         assert 1 <= n <= Tq and (n == Tq or n % 16 == 0)
     monkeypatch.setenv("NPGPT_ATTENTION_BLOCK_Q", "24")
-    assert attention._block_rows(48, 100, 100, np) == 24
-    assert attention._block_rows(48, 10, 10, np) == 10
+    assert attention_chunked.block_rows(48, 100, 100, np) == 24
+    assert attention_chunked.block_rows(48, 10, 10, np) == 10
 
 
 def test_blocks_cover_the_queries_once():
     for Tq, Tk, n in [(37, 37, 8), (5, 13, 2), (1, 1, 4), (16, 20, 16)]:
-        blocks = attention._blocks(Tq, Tk, n)
+        blocks = attention_chunked.query_blocks(Tq, Tk, n)
         assert [i for i0, i1, _ in blocks for i in range(i0, i1)] == list(range(Tq))
         assert all(end == i1 + Tk - Tq and end <= Tk for _, i1, end in blocks)
 
@@ -310,12 +307,13 @@ def test_batch_layout():
     assert backend._batch_layout(np.zeros((3, 2, 5, 4)).transpose(1, 0, 2, 3)) is None
 
 
-# ---- the fused CuPy kernels: their contract, checked on NumPy by a twin -------------------------
+# ---- the CUDA kernels: their contract, checked on NumPy by a twin -------------------------------
 
 class KernelTwin:
-    """NumPy twin of ``kernels.attention_softmax_forward/_backward`` with the kernels' flat indexing
-    (row w = bh*n + r, key c visible when c <= r + L - n, lse/D entry bh*Tq + i0 + r). Used to run
-    attention.py's fused branch on NumPy, and compared with the real kernels on CuPy."""
+    """NumPy twin of ``attention_chunked.block_softmax_forward_cuda/_backward_cuda`` with the kernels'
+    flat indexing (row w = bh*n + r, key c visible when c <= r + L - n, lse/D entry bh*Tq + i0 + r).
+    Used to run attention_chunked.py's kernel branch on NumPy, and compared with the real kernels on
+    CuPy."""
 
     @staticmethod
     def _rows(S, lse, i0):
@@ -327,7 +325,7 @@ class KernelTwin:
         return visible, bh * Tq + i0 + r
 
     @classmethod
-    def attention_softmax_forward(cls, S, P, lse, i0):
+    def block_softmax_forward_cuda(cls, S, P, lse, i0):
         xp = backend.get_array_module(S)
         visible, idx = cls._rows(S, lse, i0)
         s = xp.where(xp.asarray(visible), S.reshape(len(idx), -1), -np.inf)
@@ -339,7 +337,7 @@ class KernelTwin:
         return P
 
     @classmethod
-    def attention_softmax_backward(cls, S, dP, lse, D, P, dS, i0):
+    def block_softmax_backward_cuda(cls, S, dP, lse, D, P, dS, i0):
         xp = backend.get_array_module(S)
         visible, idx = cls._rows(S, lse, i0)
         R = len(idx)
@@ -352,15 +350,19 @@ class KernelTwin:
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
-def test_fused_branch_with_twin(dtype, monkeypatch):
-    """attention.py's fused branch (buffers, in-place aliasing, lse/D indexing) run on NumPy with the
-    twin in place of the CUDA kernels: same answers as the array branch."""
+def test_kernel_branch_with_twin(dtype, monkeypatch):
+    """attention_chunked.py's kernel branch (buffers, in-place aliasing, lse/D indexing) run on NumPy
+    with the twin in place of the CUDA kernels: same answers as the array branch. The kernel output
+    buffers are filled with NaN, so an element the twin would leave unwritten shows."""
     arrays, dout = qkv(np, 6, 2, 3, 23, 27, 5, dtype=dtype)
     plain = run(chunked(6), arrays, dout)
-    monkeypatch.setattr(attention, "_fused_kernels", lambda xp, dt: KernelTwin)
-    fused = run(chunked(6), arrays, dout)
+    monkeypatch.setattr(attention_chunked, "_use_cuda_kernels", lambda xp, dt: True)
+    monkeypatch.setattr(attention_chunked, "block_softmax_forward_cuda", KernelTwin.block_softmax_forward_cuda)
+    monkeypatch.setattr(attention_chunked, "block_softmax_backward_cuda", KernelTwin.block_softmax_backward_cuda)
+    monkeypatch.setattr(_cuda, "empty", lambda xp, shape, dt: xp.full(shape, np.nan, dt))
+    with_kernels = run(chunked(6), arrays, dout)
     tol = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2}[dtype]
-    for a, b in zip(fused, plain):
+    for a, b in zip(with_kernels, plain):
         assert a.dtype == np.dtype(dtype)
         np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=tol, atol=tol)
 
@@ -371,8 +373,7 @@ def test_kernels_match_twin(xp, dtype, n, L, i0, Tq):
     """The CUDA kernels (CuPy only) against the twin, including P written into S in place."""
     if xp is np:
         pytest.skip("CUDA kernels")
-    from npgpt import kernels
-    acc = kernels.acc_dtype(dtype)
+    acc = _cuda.acc_dtype(dtype)
     rng = np.random.default_rng(n * 100 + L)
     S = xp.asarray(rng.standard_normal((2, 3, n, L)) * 4, dtype=acc)
     lse_k, lse_t = xp.full((2, 3, Tq), np.nan, acc), xp.full((2, 3, Tq), np.nan, acc)
@@ -380,8 +381,8 @@ def test_kernels_match_twin(xp, dtype, n, L, i0, Tq):
     S_k = S.copy()
     P_k = S_k if in_place else xp.full(S.shape, np.nan, dtype)
     P_t = xp.full(S.shape, np.nan, dtype)
-    kernels.attention_softmax_forward(S_k, P_k, lse_k, i0)
-    KernelTwin.attention_softmax_forward(S, P_t, lse_t, i0)
+    attention_chunked.block_softmax_forward_cuda(S_k, P_k, lse_k, i0)
+    KernelTwin.block_softmax_forward_cuda(S, P_t, lse_t, i0)
     tol = 1e-3 if dtype == "float16" else 1e-5 if acc == np.float32 else 1e-12
     np.testing.assert_allclose(to_numpy(P_k).astype(np.float64), to_numpy(P_t).astype(np.float64), atol=tol)
     np.testing.assert_allclose(to_numpy(lse_k)[..., i0:i0 + n], to_numpy(lse_t)[..., i0:i0 + n], rtol=tol, atol=tol)
@@ -390,21 +391,21 @@ def test_kernels_match_twin(xp, dtype, n, L, i0, Tq):
     D = xp.asarray(rng.standard_normal((2, 3, Tq)), dtype=acc)
     lse = lse_t.copy()
     outs = [(xp.full(S.shape, np.nan, dtype), xp.full(S.shape, np.nan, dtype)) for _ in range(2)]
-    kernels.attention_softmax_backward(S, dP, lse, D, *outs[0], i0)
-    KernelTwin.attention_softmax_backward(S, dP, lse, D, *outs[1], i0)
+    attention_chunked.block_softmax_backward_cuda(S, dP, lse, D, *outs[0], i0)
+    KernelTwin.block_softmax_backward_cuda(S, dP, lse, D, *outs[1], i0)
     for a, b in zip(outs[0], outs[1]):
         np.testing.assert_allclose(to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64), rtol=tol, atol=tol)
 
 
-def test_cupy_fused_and_plain_agree(xp, monkeypatch):
-    """On CuPy the whole chunked path with kernels on and off (NPGPT_FUSED=0), float32 and float16."""
+def test_cupy_kernels_and_array_code_agree(xp, monkeypatch):
+    """On CuPy the whole chunked path with kernels on and off (NPGPT_CUDA_KERNELS=0), float32 and float16."""
     if xp is np:
         pytest.skip("CUDA kernels")
     for dtype, tol in (("float32", 1e-5), ("float16", 1e-2)):
         arrays, dout = qkv(xp, 8, 2, 3, 70, 75, 32, dtype=dtype)
-        monkeypatch.setenv("NPGPT_FUSED", "1")
+        monkeypatch.setenv("NPGPT_CUDA_KERNELS", "1")
         a = run(chunked(16), arrays, dout)
-        monkeypatch.setenv("NPGPT_FUSED", "0")
+        monkeypatch.setenv("NPGPT_CUDA_KERNELS", "0")
         b = run(chunked(16), arrays, dout)
         for x, y in zip(a, b):
             np.testing.assert_allclose(x.astype(np.float64), y.astype(np.float64), rtol=tol, atol=tol)

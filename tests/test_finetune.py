@@ -9,15 +9,17 @@ from npgpt import backend
 from npgpt import functional as F
 from npgpt.cli import main
 from npgpt.engine import Tensor
+from npgpt.finetune import base as B
 from npgpt.finetune import classify as C
 from npgpt.finetune import datasets as D
 from npgpt.finetune import instruct as I
 from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
+from npgpt.tokenizer import CharTokenizer
 
 ALPHABET = sorted(set(I.PROMPT_WITH_INPUT + I.PROMPT_NO_INPUT + "abcdefghijklmnopqrstuvwxyz"
                       "ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'-\n"))
-TOK = D.CharTokenizer(ALPHABET)
+TOK = CharTokenizer(ALPHABET)
 
 
 def tiny_gpt(block_size=320, seed=0, **kw):
@@ -106,7 +108,7 @@ def test_collate_shapes():
 
 
 def test_end_marker_uses_eot_when_the_tokenizer_has_one():
-    class WithEot(D.CharTokenizer):
+    class WithEot(CharTokenizer):
         eot_token = 3
     assert I.end_ids(WithEot(ALPHABET)) == [3]
     assert I.end_ids(TOK) == TOK.encode("\n\n")
@@ -173,6 +175,27 @@ def test_classifier_learns_a_toy_task():
     assert C.majority_baseline(np.array([0, 0, 1]), np.array([0, 1, 1, 1])) == 0.25
 
 
+def test_finetuning_builds_and_steps_the_pretraining_optimizer_also_in_float16():
+    """Fine-tuning's optimizer is pretraining's (flat AdamW, weight decay on matrices only, clipping in
+    the step); with dtype="float16" the classifier computes in fp16 over float32 master weights."""
+    from npgpt.optim import FlatAdamW
+    cfg = C.ClassifyConfig(max_iters=60, batch_size=8, learning_rate=1e-2, weight_decay=0.1, dtype="float16")
+    opt = B.finetune_optimizer(list(C.GPTClassifier(tiny_gpt(block_size=16), 2).parameters()), cfg)
+    assert isinstance(opt, FlatAdamW) and opt.mixed and opt.max_grad_norm == cfg.grad_clip
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
+    assert all(p.ndim < 2 for p in opt.param_groups[1]["params"])
+    r = np.random.default_rng(0)
+    seqs = [list(r.integers(1, 20, r.integers(3, 12))) for _ in range(40)]
+    y = np.array([int(s[-1] >= 10) for s in seqs])
+    clf = C.GPTClassifier(tiny_gpt(block_size=16), 2)
+    stats = C.train_classifier(clf, seqs, y, cfg, log=None)
+    assert clf.head.weight.dtype == np.float16 and np.isfinite(stats["losses"]).all()
+    assert np.mean(stats["losses"][-10:]) < np.mean(stats["losses"][:10])
+    with pytest.raises(ValueError, match="dtype"):
+        C.ClassifyConfig(dtype="bfloat16")
+
+
 # ---- datasets ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -228,7 +251,7 @@ def test_extend_char_vocab_keeps_old_predictions():
     model = GPT(GPTConfig(vocab_size=len(old), block_size=8, n_layer=1, n_head=2, n_embd=8)).eval()
     text = "bad cab"
     before = model(np.array([[old.index(c) for c in text]]))[0].data
-    meta = D.extend_char_vocab(model, {"tokenizer": "char", "chars": old, "vocab_size": len(old)}, "#x" + text)
+    meta = B.extend_char_vocab(model, {"tokenizer": "char", "chars": old, "vocab_size": len(old)}, "#x" + text)
     new = meta["chars"]
     assert new == sorted(set(old) | {"#", "x"}) and model.config.vocab_size == len(new)
     after = model(np.array([[new.index(c) for c in text]]))[0].data

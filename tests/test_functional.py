@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from npgpt import Tensor, backend, gradcheck, ops
+from npgpt import Tensor, backend, gradcheck
 from npgpt import functional as F
 from npgpt.backend import to_numpy
+from npgpt.layers.tuning import TUNING
 
 seeds = st.integers(0, 2**32 - 1)
 side = st.integers(1, 3)      # B, T, NH
@@ -25,49 +26,17 @@ def integers(seed, high, *shape):
 
 
 # ---- the same layers composed from primitives (the reference for equality) ----------------------
+# Each layer's ``<layer>_reference`` lives beside it in ``npgpt/layers/``.
 
-def linear_ref(x, w, b=None):
-    y = x @ w
-    return y if b is None else y + b
-
-
-def embedding_ref(ids, w):
-    return w[ids]
-
-
-def layer_norm_ref(x, w=None, b=None, eps=1e-5):
-    xhat = (x - x.mean(axis=-1, keepdims=True)) / ops.sqrt(x.var(axis=-1, keepdims=True) + eps)
-    y = xhat if w is None else xhat * w
-    return y if b is None else y + b
+linear_ref = F.linear_reference
+embedding_ref = F.embedding_reference
+layer_norm_ref = F.layer_norm_reference
+gelu_ref = F.gelu_reference
+softmax_ref = F.softmax_reference
+cross_entropy_ref = F.cross_entropy_reference
 
 
-def gelu_ref(x):
-    return 0.5 * x * (1.0 + ops.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-def softmax_ref(x, axis=-1):
-    e = ops.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def cross_entropy_ref(logits, targets, ignore_index=-100):
-    V = logits.shape[-1]
-    x = logits.reshape(-1, V)                                        # (N, V)
-    logp = x - x.max(axis=-1, keepdims=True)
-    logp = logp - ops.log(ops.exp(logp).sum(axis=-1, keepdims=True))
-    t = to_numpy(targets).reshape(-1)
-    rows = np.flatnonzero(t != ignore_index)
-    return -logp[rows, t[rows]].mean()
-
-
-def attention_ref(q, k, v, is_causal=True, attn_mask=None):
-    Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
-    s = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))        # (B, NH, Tq, Tk)
-    if is_causal:
-        s = s.masked_fill(np.triu(np.ones((Tq, Tk), bool), k=Tk - Tq + 1), -np.inf)
-    if attn_mask is not None:
-        s = s.masked_fill(~to_numpy(attn_mask), -np.inf)
-    return softmax_ref(s) @ v
+attention_ref = F.attention_reference
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -139,14 +108,17 @@ def test_embedding_known_answer_counts_repeats(xp):
 
 
 def test_embedding_grad_methods_agree():
-    """Every scatter-add compared in the benchmark gives np.add.at's answer, small and large V."""
+    """Both NumPy scatter-adds of the embedding backward, (E2) sorted and (E3) one-hot, give
+    np.add.at's answer, small and large V."""
+    from npgpt.layers.embedding import embedding_backward_one_hot, embedding_backward_sorted
     rng = np.random.default_rng(0)
     for V in (5, 65, 3000):
         ids = rng.integers(0, V, 300)
         dout = rng.normal(size=(300, 7))
-        results = [fn(ids, dout, V) for fn in F._embedding_grad_methods().values()]
-        for r in results[1:]:
-            np.testing.assert_allclose(r, results[0], rtol=0, atol=1e-12)
+        expected = np.zeros((V, 7))
+        np.add.at(expected, ids, dout)
+        for fn in (embedding_backward_one_hot, embedding_backward_sorted):
+            np.testing.assert_allclose(fn(ids, dout, V), expected, rtol=0, atol=1e-12)
 
 
 def test_embedding_rejects_float_ids(xp):
@@ -347,8 +319,9 @@ def test_dropout(xp):
 
 # ---- the thread pool ----------------------------------------------------------------------------
 
-THREADED = {  # each big enough (>= _CHUNK_MIN elements) to be split over the pool
-    "gelu": (F.gelu, [(3, F._CHUNK_MIN // 3 + 7)]),
+CHUNK_MIN = TUNING["numpy"]["threads_min_elements"]
+THREADED = {  # each big enough (>= CHUNK_MIN elements) to be split over the pool
+    "gelu": (F.gelu, [(3, CHUNK_MIN // 3 + 7)]),
     "softmax": (F.softmax, [(600, 501)]),
     "softmax axis 0": (lambda x: F.softmax(x, axis=0), [(501, 600)]),
     "attention": (F.scaled_dot_product_attention, [(2, 9, 128, 16)] * 3),
@@ -361,7 +334,7 @@ def test_threaded_is_bit_identical(xp, name, monkeypatch):
     fn, shapes = THREADED[name]
     arrays = [xp.asarray(normal(i, *s), dtype=np.float32) for i, s in enumerate(shapes)]
     split = run(fn, arrays)
-    monkeypatch.setattr(F, "_CHUNK_MIN", 1 << 62)           # no array is large enough to split
+    monkeypatch.setitem(TUNING["numpy"], "threads_min_elements", 1 << 62)  # no array is large enough to split
     whole = run(fn, arrays)
     np.testing.assert_array_equal(split[0], whole[0])
     for a, b in zip(split[1], whole[1]):
@@ -389,7 +362,7 @@ FLOAT32_CASES = {
     "embedding": (lambda w: F.embedding(np.array([[0, 2, 2]]), w), [(3, 4)]),
     "layer_norm": (F.layer_norm, [(2, 3, 5), (5,), (5,)]),
     "gelu": (F.gelu, [(2, 3, 5)]),
-    "gelu threaded": (F.gelu, [(4, F._CHUNK_MIN // 2 + 1)]),
+    "gelu threaded": (F.gelu, [(4, CHUNK_MIN // 2 + 1)]),
     "softmax": (F.softmax, [(2, 3, 5)]),
     "cross_entropy": (lambda x: F.cross_entropy(x, np.array([[0, 4, -100]])), [(1, 3, 5)]),
     "attention": (F.scaled_dot_product_attention, [(1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4)]),

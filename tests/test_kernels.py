@@ -1,12 +1,16 @@
-"""The CuPy kernels of ``npgpt/kernels.py`` against their NumPy twins (``functional`` on float64 NumPy
+"""The CUDA kernels of the layers (``npgpt/layers/*.py``, ``*_cuda`` launchers) against their NumPy twins (``functional`` on float64 NumPy
 arrays of the same, already rounded, inputs): forward and every gradient, float16/32/64, odd sizes.
 Every output buffer starts as NaN, so an element a kernel forgets to write fails the comparison.
 All of this needs a GPU and skips without one."""
 import numpy as np
 import pytest
 
-from npgpt import Tensor, backend, kernels
+from npgpt import Tensor, backend
 from npgpt import functional as F
+from npgpt.layers import _cuda
+from npgpt.layers import cross_entropy as ce_layer
+from npgpt.layers import gelu as gelu_layer
+from npgpt.layers import layer_norm as ln_layer
 from npgpt.backend import to_numpy
 
 pytestmark = pytest.mark.cupy
@@ -22,9 +26,9 @@ def cp(monkeypatch):
         pytest.skip("cupy backend: CuPy or a CUDA GPU is not available")
     old = backend.name
     mod = backend.use("cupy")
-    monkeypatch.delenv("NPGPT_FUSED", raising=False)
-    monkeypatch.setattr(kernels, "ENABLED", True)
-    monkeypatch.setattr(kernels, "_empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype))
+    monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
+    monkeypatch.setattr(_cuda, "ENABLED", True)
+    monkeypatch.setattr(_cuda, "empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype))
     try:
         yield mod
     finally:
@@ -57,17 +61,19 @@ def reference(fn, arrays, dout=None):
 
 
 def test_switch_and_constants(monkeypatch):
-    """NPGPT_FUSED=0 or ENABLED = False turn the kernels off (read at call time); the GELU constants
-    are functional's. (Runs without a GPU.)"""
-    monkeypatch.setenv("NPGPT_FUSED", "1")
-    assert kernels.enabled()
-    monkeypatch.setenv("NPGPT_FUSED", "0")
-    assert not kernels.enabled()
-    monkeypatch.delenv("NPGPT_FUSED")
-    monkeypatch.setattr(kernels, "ENABLED", False)
-    assert not kernels.enabled()
-    assert kernels._GELU_A == F._GELU_A and kernels._GELU_B == 0.044715
-    assert kernels.supports(np.float16, np.float64) and not kernels.supports(np.int32)
+    """NPGPT_CUDA_KERNELS=0 or ENABLED = False turn the kernels off (read at call time); the GELU
+    constants are sqrt(2/pi) and 0.044715 in both the NumPy code and the kernels. (Runs without a GPU.)"""
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "1")
+    assert _cuda.enabled()
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "0")
+    assert not _cuda.enabled()
+    monkeypatch.delenv("NPGPT_CUDA_KERNELS")
+    monkeypatch.setattr(_cuda, "ENABLED", False)
+    assert not _cuda.enabled()
+    import math
+    assert gelu_layer.GELU_A == math.sqrt(2 / math.pi) and gelu_layer.GELU_B == 0.044715
+    assert repr(gelu_layer.GELU_A) in gelu_layer._body("forward", "float")
+    assert _cuda.supports(np.float16, np.float64) and not _cuda.supports(np.int32)
 
 
 # ---- gelu ----------------------------------------------------------------------------------------
@@ -79,8 +85,8 @@ def test_gelu_kernels(cp, dtype, shape):
     x, x64 = rounded(rng, dtype, *shape, scale=3.0)
     x[..., 0], x64[..., 0] = 30.0, 30.0                      # far out: y = x, dy/dx = 1
     dout, dout64 = rounded(rng, dtype, *shape)
-    y = kernels.gelu_forward(cp.asarray(x))
-    dinp = kernels.gelu_backward(cp.asarray(x), cp.asarray(dout))
+    y = gelu_layer.gelu_forward_cuda(cp.asarray(x))
+    dinp = gelu_layer.gelu_backward_cuda(cp.asarray(x), cp.asarray(dout))
     assert y.dtype == dinp.dtype == dtype
     ref_y, (ref_dinp,) = reference(F.gelu, [x64], dout64)
     close(y, ref_y, dtype)
@@ -99,9 +105,9 @@ def test_layer_norm_kernels(cp, dtype, N, C, affine):
     w, w64 = rounded(rng, dtype, C, shift=1.0)
     b, b64 = rounded(rng, dtype, C)
     W, B = (cp.asarray(w), cp.asarray(b)) if affine else (None, None)
-    y, mean, rstd = kernels.layer_norm_forward(cp.asarray(x), W, B, 1e-5)
-    dinp, dw, db = kernels.layer_norm_backward(cp.asarray(dout), cp.asarray(x), W, mean, rstd)
-    acc = kernels.acc_dtype(dtype)
+    y, mean, rstd = ln_layer.layer_norm_forward_cuda(cp.asarray(x), W, B, 1e-5)
+    dinp, dw, db = ln_layer.layer_norm_backward_cuda(cp.asarray(dout), cp.asarray(x), W, mean, rstd)
+    acc = _cuda.acc_dtype(dtype)
     assert y.dtype == dinp.dtype == dw.dtype == db.dtype == dtype and mean.dtype == rstd.dtype == acc
 
     close(mean, x64.mean(-1), np.float32 if dtype == np.float16 else dtype)
@@ -123,12 +129,12 @@ def test_layer_norm_backward_parts(cp):
     """Only dinp, or only dweight and dbias: the same values as computing all three."""
     rng = np.random.default_rng(1)
     x, dout, w = (cp.asarray(rng.normal(size=s), dtype=np.float32) for s in [(9, 40), (9, 40), (40,)])
-    _, mean, rstd = kernels.layer_norm_forward(x, w, None, 1e-5)
-    full = kernels.layer_norm_backward(dout, x, w, mean, rstd)
-    dinp, dw, db = kernels.layer_norm_backward(dout, x, w, mean, rstd, need_dwb=False)
+    _, mean, rstd = ln_layer.layer_norm_forward_cuda(x, w, None, 1e-5)
+    full = ln_layer.layer_norm_backward_cuda(dout, x, w, mean, rstd)
+    dinp, dw, db = ln_layer.layer_norm_backward_cuda(dout, x, w, mean, rstd, need_dwb=False)
     assert dw is None and db is None
     np.testing.assert_array_equal(to_numpy(dinp), to_numpy(full[0]))
-    dinp, dw, db = kernels.layer_norm_backward(dout, x, w, mean, rstd, need_dinp=False)
+    dinp, dw, db = ln_layer.layer_norm_backward_cuda(dout, x, w, mean, rstd, need_dinp=False)
     assert dinp is None
     np.testing.assert_array_equal(to_numpy(dw), to_numpy(full[1]))
     np.testing.assert_array_equal(to_numpy(db), to_numpy(full[2]))
@@ -153,10 +159,10 @@ def test_cross_entropy_kernels(cp, dtype, N, V, ignore):
     rng = np.random.default_rng(N + V)
     x, x64 = rounded(rng, dtype, N, V, scale=4.0)
     t = _targets(rng, N, V, ignore)
-    loss, lse, inv_n = kernels.cross_entropy_forward(cp.asarray(x), cp.asarray(t))
+    loss, lse, inv_n = ce_layer.cross_entropy_forward_cuda(cp.asarray(x), cp.asarray(t))
     dloss = cp.asarray(3.0, dtype=np.float32)                # a loss scale: any device value
-    dx = kernels.cross_entropy_backward(dloss, cp.asarray(x), cp.asarray(t), lse, inv_n)
-    acc = kernels.acc_dtype(dtype)
+    dx = ce_layer.cross_entropy_backward_cuda(dloss, cp.asarray(x), cp.asarray(t), lse, inv_n)
+    acc = _cuda.acc_dtype(dtype)
     assert loss.shape == () and loss.dtype == lse.dtype == inv_n.dtype == acc and dx.dtype == dtype
 
     n = int((t != -100).sum())
@@ -177,8 +183,8 @@ def test_cross_entropy_kernels_large_float16_logits(cp):
     rng = np.random.default_rng(2)
     x = rng.uniform(-60000, 60000, (4, 1000)).astype(np.float16)
     t = rng.integers(0, 1000, 4)
-    loss, lse, inv_n = kernels.cross_entropy_forward(cp.asarray(x), cp.asarray(t))
-    dx = kernels.cross_entropy_backward(cp.asarray(1.0, np.float32), cp.asarray(x), cp.asarray(t), lse, inv_n)
+    loss, lse, inv_n = ce_layer.cross_entropy_forward_cuda(cp.asarray(x), cp.asarray(t))
+    dx = ce_layer.cross_entropy_backward_cuda(cp.asarray(1.0, np.float32), cp.asarray(x), cp.asarray(t), lse, inv_n)
     ref_loss, (ref_dx,) = reference(lambda a: F.cross_entropy(a, t), [x.astype(np.float64)])
     close(loss, ref_loss, np.float32)
     close(dx, ref_dx, np.float16)
@@ -192,8 +198,8 @@ def test_cross_entropy_kernels_minus_inf_logits(cp, dtype):
     x[:, 1::3] = -np.inf
     x[1, :50] = -np.inf                                      # a thread's whole slice masked
     t = np.array([0, 99, 3])
-    loss, lse, inv_n = kernels.cross_entropy_forward(cp.asarray(x), cp.asarray(t))
-    dx = kernels.cross_entropy_backward(cp.asarray(1.0, np.float32), cp.asarray(x), cp.asarray(t), lse, inv_n)
+    loss, lse, inv_n = ce_layer.cross_entropy_forward_cuda(cp.asarray(x), cp.asarray(t))
+    dx = ce_layer.cross_entropy_backward_cuda(cp.asarray(1.0, np.float32), cp.asarray(x), cp.asarray(t), lse, inv_n)
     ref_loss, (ref_dx,) = reference(lambda a: F.cross_entropy(a, t), [x.astype(np.float64)])
     close(loss, ref_loss, np.float32 if dtype == np.float16 else dtype)
     close(dx, ref_dx, dtype)
@@ -205,9 +211,9 @@ def test_cross_entropy_kernels_bad_target_makes_nan(cp):
     is left out of N and gets a zero gradient."""
     x = cp.zeros((4, 5), dtype=np.float32)
     t = cp.asarray([0, 5, -100, -7])
-    loss, lse, inv_n = kernels.cross_entropy_forward(x, t)
+    loss, lse, inv_n = ce_layer.cross_entropy_forward_cuda(x, t)
     assert np.isnan(float(loss)) and float(inv_n) == 1.0
-    dx = to_numpy(kernels.cross_entropy_backward(cp.asarray(1.0, np.float32), x, t, lse, inv_n))
+    dx = to_numpy(ce_layer.cross_entropy_backward_cuda(cp.asarray(1.0, np.float32), x, t, lse, inv_n))
     np.testing.assert_allclose(dx[0], [-0.8, 0.2, 0.2, 0.2, 0.2], atol=1e-6)
     np.testing.assert_array_equal(dx[1:], 0.0)
 
@@ -219,7 +225,7 @@ def _inputs(xp, dtype):
     rng = np.random.default_rng(3)
     arrays = [xp.asarray(rng.normal(size=s), dtype=dtype) for s in [(2, 5, 24), (24,), (24,)]]
     t = xp.asarray(np.where(rng.random((2, 5)) < 0.3, -100, rng.integers(0, 24, (2, 5))))
-    return arrays, t, xp.asarray(8.0, dtype=kernels.acc_dtype(dtype))
+    return arrays, t, xp.asarray(8.0, dtype=_cuda.acc_dtype(dtype))
 
 
 def _step(inputs):
@@ -233,17 +239,18 @@ def _step(inputs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_functional_dispatch_and_fallback(cp, dtype, monkeypatch):
-    """On CuPy, F.layer_norm / gelu / cross_entropy call the kernels; NPGPT_FUSED=0 turns them off
+    """On CuPy, F.layer_norm / gelu / cross_entropy call the kernels; NPGPT_CUDA_KERNELS=0 turns them off
     and the plain CuPy code gives the same numbers (the NumPy ones, too)."""
     calls = []
-    for name in ["gelu_forward", "gelu_backward", "layer_norm_forward", "layer_norm_backward",
-                 "cross_entropy_forward", "cross_entropy_backward"]:
-        fn = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    for module, name in [(gelu_layer, "gelu_forward_cuda"), (gelu_layer, "gelu_backward_cuda"),
+                         (ln_layer, "layer_norm_forward_cuda"), (ln_layer, "layer_norm_backward_cuda"),
+                         (ce_layer, "cross_entropy_forward_cuda"), (ce_layer, "cross_entropy_backward_cuda")]:
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
     fused = _step(_inputs(cp, dtype))
     assert len(set(calls)) == 6
-    assert fused[0].dtype == kernels.acc_dtype(dtype) and all(g.dtype == dtype for g in fused[1])
-    monkeypatch.setenv("NPGPT_FUSED", "0")
+    assert fused[0].dtype == _cuda.acc_dtype(dtype) and all(g.dtype == dtype for g in fused[1])
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", "0")
     calls.clear()
     plain = _step(_inputs(cp, dtype))
     assert calls == []
@@ -261,7 +268,7 @@ def test_functional_dispatch_and_fallback(cp, dtype, monkeypatch):
 def test_no_host_sync(cp, dtype, fused, monkeypatch):
     """A forward and backward through the three layers never waits for the GPU (no int(), .item()),
     with the kernels and without."""
-    monkeypatch.setenv("NPGPT_FUSED", fused)
+    monkeypatch.setenv("NPGPT_CUDA_KERNELS", fused)
     inputs = _inputs(cp, dtype)
     _step(inputs)                                            # compile outside the check
     with backend.forbid_sync():

@@ -8,9 +8,7 @@ import pytest
 
 from npgpt import GPT, GPTConfig, backend
 from npgpt.engine import Tensor
-from npgpt.flat import FlatParameters
-from npgpt.mixed_precision import FlatAdamW
-from npgpt.optim import clip_grad_norm
+from npgpt.optim import FlatAdamW, FlatParameters, clip_grad_norm
 
 TINY = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=24, dropout=0.0)
 
@@ -86,6 +84,34 @@ def test_flat_adamw_equals_per_parameter_adamw_and_clip(xp, clip):
         np.testing.assert_allclose(backend.to_numpy(b.data), backend.to_numpy(a.data), rtol=1e-5, atol=2e-5, err_msg=n)
 
 
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_flat_adamw_cuda_kernel_matches_array_code(xp, dtype, monkeypatch):
+    """The one AdamW kernel (with and without an fp32 master copy) against the array code on CuPy,
+    including a skipped (inf) step."""
+    if xp is np:
+        pytest.skip("the AdamW CUDA kernel is CuPy's; NumPy always runs the array code")
+    models = [_model(), _model()]
+    opts = [m.configure_optimizer(3e-3, 0.1, (0.9, 0.95), dtype=dtype, flat=True, max_grad_norm=1.0)
+            for m in models]
+    for step in range(4):
+        x, y = _batch(seed=step)
+        for i, (m, o) in enumerate(zip(models, opts)):
+            _, loss = m(x, y)
+            o.backward(loss)
+            if dtype and step == 2:
+                o.flat.grad[7] = np.inf
+            monkeypatch.setenv("NPGPT_CUDA_KERNELS", "1" if i == 0 else "0")   # for the step only
+            o.step()
+            monkeypatch.delenv("NPGPT_CUDA_KERNELS")
+            o.zero_grad()
+    a, b = opts
+    assert a.skipped_steps == b.skipped_steps == (1 if dtype else 0) and int(a._t) == int(b._t)
+    for u, v in ((a.master, b.master), (a.exp_avg, b.exp_avg), (a.exp_avg_sq, b.exp_avg_sq)):
+        np.testing.assert_allclose(backend.to_numpy(u), backend.to_numpy(v), rtol=1e-5, atol=2e-5)
+    np.testing.assert_array_equal(backend.to_numpy(a.flat.data),
+                                  backend.to_numpy(a.master).astype(a.flat.data.dtype))  # param = its master
+
+
 def test_flat_adamw_one_step_by_hand():
     """One scalar parameter, g = 2p (loss p^2), lr 0.1, wd 0.5, clip to 1: every quantity by hand."""
     p = Tensor(np.array([3.0]), requires_grad=True)
@@ -158,6 +184,53 @@ def test_loss_scale_is_exact_for_fixed_scale():
         _, loss = m(x, y)
         o.backward(loss)
     np.testing.assert_allclose(ob.flat.grad / 1024.0, oa.flat.grad, rtol=1e-6, atol=1e-9)
+
+
+def _scaled_and_plain_runs(xp, dtype, loss_scale, steps=6):
+    """Two FlatAdamW runs fed the same gradients, one multiplied by the loss scale S as backward
+    would leave them, the other plain. Gradients are small (so eps matters: AdamW's m/sqrt(v) alone
+    would hide a missing 1/S) and fp16 numbers (so times S, a power of two, they stay exact).
+    Returns (scaled optimizer, plain optimizer, [(scaled norm, plain norm) per step])."""
+    rng = np.random.default_rng(0)
+    shapes = [(6, 5), (5,), (4, 3)]
+    def params():
+        return [Tensor(rng.standard_normal(s).astype(np.float32), requires_grad=True) for s in shapes]
+    p_scaled = params()
+    p_plain = [Tensor(p.data.copy(), requires_grad=True) for p in p_scaled]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, dtype=dtype, max_grad_norm=2e-3)
+    scaled = FlatAdamW(p_scaled, loss_scale=loss_scale, init_scale=2.0 ** 10, **kw)
+    plain = FlatAdamW(p_plain, loss_scale=None, **kw)
+    assert scaled.loss_scale == 2.0 ** 10
+    norms = []
+    for _ in range(steps):
+        g = (rng.standard_normal(scaled.flat.size) * 1e-3).astype(np.float16)   # norm ~ 8e-3 > max: clipped
+        scaled.flat.grad[...] = xp.asarray(g.astype(np.float32) * scaled.loss_scale, dtype=scaled.flat.grad.dtype)
+        plain.flat.grad[...] = xp.asarray(g, dtype=plain.flat.grad.dtype)
+        scaled.step()
+        plain.step()
+        norms.append((float(scaled.grad_norm), float(plain.grad_norm)))
+    assert scaled.loss_scale == 2.0 ** 10 and scaled.skipped_steps == 0
+    return scaled, plain, norms
+
+
+@pytest.mark.parametrize("dtype, loss_scale", [(None, 1024.0), ("float16", "dynamic")])
+def test_loss_scaled_step_equals_the_unscaled_step(xp, dtype, loss_scale):
+    """The update divides the loss scale out: scaling the gradients by S (a power of two) changes
+    no bit of the weights or moments."""
+    scaled, plain, _ = _scaled_and_plain_runs(xp, dtype, loss_scale)
+    for a, b in ((scaled.master, plain.master), (scaled.flat.data, plain.flat.data),
+                 (scaled.exp_avg, plain.exp_avg), (scaled.exp_avg_sq, plain.exp_avg_sq)):
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+
+
+@pytest.mark.parametrize("dtype, loss_scale", [(None, 1024.0), ("float16", "dynamic")])
+def test_grad_norm_is_taken_on_unscaled_gradients(xp, dtype, loss_scale):
+    """``grad_norm`` (and so the clipping) is the norm of the true gradients, with or without a
+    loss scale; and it is the norm of what was given (clipping does not touch it)."""
+    scaled, plain, norms = _scaled_and_plain_runs(xp, dtype, loss_scale)
+    for s, p in norms:
+        assert s == p
+        assert 4e-3 < p < 2e-2                                # clipping at 2e-3 is active
 
 
 @pytest.mark.parametrize("dtype", [None, "float16"])

@@ -9,7 +9,8 @@ import npgpt
 from npgpt import Tensor, backend
 from npgpt.backend import to_numpy
 from npgpt.checkpoint import load_checkpoint, save_checkpoint
-from npgpt.optim import SGD, AdamW, clip_grad_norm, get_lr
+from npgpt.optim import SGD, AdamW, clip_grad_norm, decay_groups, get_lr, global_grad_norm
+from npgpt.optim.clip import sum_of_squares
 
 SHAPES = [(4, 3), (5,), (2, 3, 2), ()]
 
@@ -117,16 +118,20 @@ def test_adamw_matches_torch(xp):
         assert p.dtype == np.float32 and s["exp_avg"].dtype == np.float32 and s["exp_avg_sq"].dtype == np.float32
 
 
-def test_adamw_fused_kernel_matches_ufuncs(xp):
+@pytest.mark.parametrize("switch_off", ["fused=False", "NPGPT_CUDA_KERNELS=0"])
+def test_adamw_cuda_kernel_matches_array_code(xp, switch_off, monkeypatch):
     if xp is np:
-        pytest.skip("the fused AdamW kernel is CuPy's; NumPy always runs the ufunc path")
+        pytest.skip("the AdamW CUDA kernel is CuPy's; NumPy always runs the array code")
     pa, pb = make_params(xp), make_params(xp)
-    oa = AdamW(pa, lr=1e-2, weight_decay=0.1)                 # fused (the default on CuPy)
-    ob = AdamW(pb, lr=1e-2, weight_decay=0.1, fused=False)
+    oa = AdamW(pa, lr=1e-2, weight_decay=0.1)                 # the kernel (the default on CuPy)
+    ob = AdamW(pb, lr=1e-2, weight_decay=0.1, **({"fused": False} if switch_off == "fused=False" else {}))
     for grads in make_grads(SHAPES, 10):
         set_grads(pa, grads)
         set_grads(pb, grads)
+        monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
         oa.step()
+        if switch_off != "fused=False":
+            monkeypatch.setenv("NPGPT_CUDA_KERNELS", "0")
         ob.step()
     for a, b in zip(pa, pb):
         assert a.dtype == np.float32
@@ -159,6 +164,36 @@ def test_param_groups_weight_decay_zero(xp):
     opt.step()
     assert np.array_equal(to_numpy(a.data), a0 * np.float32(1 - 0.05))
     assert np.array_equal(to_numpy(b.data), b0)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_configure_optimizer_decays_matrices_only(xp, flat):
+    """GPT-2's grouping: 1-D parameters (biases, layer-norm gains) sit in the weight_decay=0 group,
+    so a step with zero gradients leaves them exactly as they were and shrinks every matrix by
+    exactly (1 - lr wd). (AdamW's scale invariance hides a wrong grouping from the loss curves.)"""
+    backend.seed(0)
+    model = npgpt.GPT(npgpt.GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    before = {n: to_numpy(p.data).copy() for n, p in model.named_parameters()}
+    assert any(v.ndim == 1 for v in before.values()) and any(v.ndim == 2 for v in before.values())
+    opt = model.configure_optimizer(0.1, 0.5, flat=flat)
+    for group in opt.param_groups:
+        assert group["weight_decay"] == (0.5 if group["params"][0].ndim >= 2 else 0.0)
+        assert len({p.ndim >= 2 for p in group["params"]}) == 1       # one kind per group
+    for p in model.parameters():
+        if flat:
+            p.grad[...] = 0                                            # a view of the flat buffer
+        else:
+            p.grad = xp.zeros_like(p.data)
+    opt.step()
+    for n, p in model.named_parameters():
+        expected = before[n] * np.float32(1 - 0.1 * 0.5) if before[n].ndim >= 2 else before[n]
+        assert np.array_equal(to_numpy(p.data), expected), n
+
+
+def test_decay_groups():
+    m, b = Tensor(np.ones((2, 3), np.float32), requires_grad=True), Tensor(np.ones(3, np.float32), requires_grad=True)
+    assert decay_groups([b, m], 0.1) == [{"params": [m], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}]
+    assert decay_groups([b], 0.1) == [{"params": [b], "weight_decay": 0.0}]     # an empty group is left out
 
 
 def test_lr_is_settable_per_step(xp):
@@ -370,6 +405,32 @@ def test_get_lr_known_points():
 
 
 # ---- gradient clipping --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 255, 257, 256 * 1024 + 3, 256 * 1024 * 3 + 1])   # 1 block ... grid-stride
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_sum_of_squares_kernel_and_array_code(xp, n, dtype, monkeypatch):
+    """One pass, accumulated in float32 (float64 for float64); the CUDA kernel (on CuPy) and the
+    array code agree with a float64 reference, and the kernel is deterministic."""
+    x = np.random.default_rng(n).standard_normal(n).astype(dtype)
+    expected = float(np.sum(x.astype(np.float64) ** 2))
+    got = sum_of_squares(xp.asarray(x))
+    assert got.shape == () and got.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    assert float(got) == pytest.approx(expected, rel=1e-12 if dtype == np.float64 else 1e-5)
+    if xp is not np:
+        assert float(sum_of_squares(xp.asarray(x))) == float(got)              # same order every time
+        monkeypatch.setenv("NPGPT_CUDA_KERNELS", "0")
+        assert float(sum_of_squares(xp.asarray(x))) == pytest.approx(float(got), rel=1e-5)
+
+
+def test_global_grad_norm(xp):
+    grads = [xp.asarray(g) for g in make_grads(SHAPES, 1)[0]]
+    expected = math.sqrt(sum(float(np.sum(to_numpy(g).astype(np.float64) ** 2)) for g in grads))
+    norm = global_grad_norm(grads)                                         # a list: float64 sum
+    assert norm.dtype == np.float64 and float(norm) == pytest.approx(expected, rel=1e-6)
+    flat = xp.concatenate([g.reshape(-1) for g in grads])
+    one = global_grad_norm(flat)                                           # one array: its own dtype
+    assert one.dtype == np.float32 and float(one) == pytest.approx(expected, rel=1e-6)
+
 
 def test_clip_grad_norm_clips_to_max_norm(xp):
     params = make_params(xp)

@@ -1,7 +1,8 @@
 """BPE training: hand-derived known answers (Wikipedia's "aaabdaaabac", ties), the incremental trainer
-equals a naive recount-everything trainer, trained vocabularies encode like tiktoken and like a naive
-merge-order encoder, save/load in both formats, the Hugging Face vocab.json + merges.txt format (with HF
-`tokenizers` as oracle), the character tokenizer and load_tokenizer_from_meta."""
+equals the recount-everything reference trainer (``train_bpe_reference``), trained vocabularies encode
+like tiktoken and like a naive merge-order encoder, save/load in both formats, the Hugging Face
+vocab.json + merges.txt format (with HF `tokenizers` as oracle), the character tokenizer and
+load_tokenizer_from_meta."""
 import collections
 import json
 import os
@@ -13,7 +14,9 @@ from hypothesis import given, settings, strategies as st
 import npgpt
 from npgpt.data import bundled_corpus_path
 from npgpt.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, BasicTokenizer, CharTokenizer, RegexTokenizer,
-                             bytes_to_unicode, get_encoding, load_hf_bpe, load_tokenizer, load_tokenizer_from_meta)
+                             bytes_to_unicode, get_encoding, load_hf_bpe, load_tokenizer, load_tokenizer_from_meta,
+                             train_bpe_reference)
+from npgpt.tokenizer.reference import merge
 
 # tiktoken's own cl100k_base pattern (tiktoken_ext/openai_public.py), the oracle for our GPT-4 pattern
 CL100K_PAT = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|"""
@@ -72,51 +75,29 @@ def test_vocab_size_too_small():
         RegexTokenizer().train("abc", 256, special_tokens=["<|endoftext|>"])
 
 
-# ---- the incremental trainer against a naive one --------------------------------------------------
+# ---- the incremental trainer against the minbpe-style reference ----------------------------------
 
-def naive_train(words, num_merges):
-    """minbpe-style reference: recount every pair of every pre-token after every merge; ties to the
-    smallest pair. ``words`` maps bytes -> count."""
-    words = {tuple(w): c for w, c in words.items()}
-    merges = []
-    for k in range(num_merges):
-        counts = collections.Counter()
-        for w, c in words.items():
-            for p in zip(w, w[1:]):
-                counts[p] += c
-        if not counts:
-            break
-        best = max(counts.values())
-        pair = min(p for p, c in counts.items() if c == best)
-        merges.append(pair)
-        new = collections.Counter()
-        for w, c in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
-                    out.append(256 + k)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new[tuple(out)] += c
-        words = new
-    return merges
+def test_reference_helpers_doctests():
+    import doctest
+    from npgpt.tokenizer import reference
+    result = doctest.testmod(reference)
+    assert result.attempted >= 4 and result.failed == 0
 
 
 @pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN, None], ids=["gpt2", "gpt4", "basic"])
 @given(text=st.one_of(SMALL_TEXT, st.text(alphabet="aab", max_size=60)), n=st.integers(1, 40))
-def test_incremental_training_equals_naive(pattern, text, n):
+def test_incremental_training_equals_reference(pattern, text, n):
     """Runs such as "aaaa" check the overlapping-pair rule; the alphabet forces many ties."""
     tok = RegexTokenizer(pattern).train(text, 256 + n) if pattern else BasicTokenizer().train(text, 256 + n)
     pieces = regex.findall(pattern, text) if pattern else [text]
-    assert tok.merges == naive_train(collections.Counter(p.encode() for p in pieces), n)
+    assert tok.merges == train_bpe_reference(collections.Counter(p.encode() for p in pieces), n)
 
 
-def test_incremental_training_equals_naive_on_corpus():
+def test_incremental_training_equals_reference_on_corpus():
     text = corpus(20_000)
     tok = RegexTokenizer().train(text, 256 + 150)
-    assert tok.merges == naive_train(collections.Counter(p.encode() for p in regex.findall(GPT2_PATTERN, text)), 150)
+    words = collections.Counter(p.encode() for p in regex.findall(GPT2_PATTERN, text))
+    assert tok.merges == train_bpe_reference(words, 150)
 
 
 # ---- trained vocabularies encode correctly ----------------------------------------------------------
@@ -131,15 +112,7 @@ def naive_encode(tok, text):
             pair = min(zip(ids, ids[1:]), key=lambda p: merge_id.get(p, float("inf")))
             if pair not in merge_id:
                 break
-            new, i = [], 0
-            while i < len(ids):
-                if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
-                    new.append(merge_id[pair])
-                    i += 2
-                else:
-                    new.append(ids[i])
-                    i += 1
-            ids = new
+            ids = merge(ids, pair, merge_id[pair])
         out += ids
     return out
 

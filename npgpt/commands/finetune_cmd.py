@@ -23,52 +23,54 @@ class _Raw(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def _common(p):
-    p.add_argument("--init_from", default="scratch", help="'scratch' or a `npgpt train` out_dir / ckpt.npz")
-    p.add_argument("--n_layer", type=int, default=4, help="scratch model: layers")
-    p.add_argument("--n_head", type=int, default=4, help="scratch model: heads")
-    p.add_argument("--n_embd", type=int, default=128, help="scratch model: width")
-    p.add_argument("--max_iters", type=int, default=300)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0 = fine-tune the weights themselves)")
-    p.add_argument("--lora_alpha", type=float, default=16.0)
-    p.add_argument("--lora_dropout", type=float, default=0.0)
-    p.add_argument("--lora_targets", default="attn.c_attn,attn.c_proj",
-                   help="comma-separated Linear names to adapt (e.g. attn.c_attn,attn.c_proj,mlp.c_fc)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out_dir", default=None, help="save the fine-tuned model (and LoRA adapters) here")
+def _common(parser):
+    parser.add_argument("--init_from", default="scratch", help="'scratch' or a `npgpt train` out_dir / ckpt.npz")
+    parser.add_argument("--n_layer", type=int, default=4, help="scratch model: layers")
+    parser.add_argument("--n_head", type=int, default=4, help="scratch model: heads")
+    parser.add_argument("--n_embd", type=int, default=128, help="scratch model: width")
+    parser.add_argument("--max_iters", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0 = fine-tune the weights themselves)")
+    parser.add_argument("--lora_alpha", type=float, default=16.0)
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument("--lora_targets", default="attn.c_attn,attn.c_proj",
+                        help="comma-separated Linear names to adapt (e.g. attn.c_attn,attn.c_proj,mlp.c_fc)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default=None, help="save the fine-tuned model (and LoRA adapters) here")
 
 
 def register(sub):
-    c = sub.add_parser("finetune-classify", help="fine-tune a GPT as a text classifier (genre by default)",
-                       description=HELP_CLASSIFY, formatter_class=_Raw)
-    _common(c)
-    c.add_argument("--data", default=None, help="CSV (header text,label) or JSONL of {text, label}")
-    c.add_argument("--split", choices=["work", "passage"], default="work",
-                   help="bundled task: hold out whole works or random passages (user data: random rows)")
-    c.add_argument("--test_frac", type=float, default=0.2)
-    c.add_argument("--min_tokens", type=int, default=None,
-                   help="bundled task: shortest passage (default 100, or half the context when that is shorter)")
-    c.add_argument("--max_tokens", type=int, default=250)
-    c.add_argument("--per_work", type=int, default=40, help="bundled task: passages per work at most")
-    c.add_argument("--block_size", type=int, default=None,
-                   help="context and max text length (default: the checkpoint's; 256 for scratch)")
-    c.add_argument("--trainable_blocks", type=int, default=None,
-                   help="train only the last N blocks + ln_f + head (default: all)")
-    c.set_defaults(func=run_classify)
+    classify = sub.add_parser("finetune-classify", help="fine-tune a GPT as a text classifier (genre by default)",
+                              description=HELP_CLASSIFY, formatter_class=_Raw)
+    _common(classify)
+    classify.add_argument("--data", default=None, help="CSV (header text,label) or JSONL of {text, label}")
+    classify.add_argument("--split", choices=["work", "passage"], default="work",
+                          help="bundled task: hold out whole works or random passages (user data: random rows)")
+    classify.add_argument("--test_frac", type=float, default=0.2)
+    classify.add_argument("--min_tokens", type=int, default=None,
+                          help="bundled task: shortest passage (default 100, or half the context when that is shorter)")
+    classify.add_argument("--max_tokens", type=int, default=250)
+    classify.add_argument("--per_work", type=int, default=40, help="bundled task: passages per work at most")
+    classify.add_argument("--block_size", type=int, default=None,
+                          help="context and max text length (default: the checkpoint's; 256 for scratch)")
+    classify.add_argument("--trainable_blocks", type=int, default=None,
+                          help="train only the last N blocks + ln_f + head (default: all)")
+    classify.set_defaults(func=run_classify)
 
-    i = sub.add_parser("finetune-instruct", help="instruction-tune a GPT (Alpaca format, loss on responses)",
-                       description=HELP_INSTRUCT, formatter_class=_Raw)
-    _common(i)
-    i.add_argument("--data", default=None, help="Alpaca JSON (list) or JSONL of {instruction, input, output}")
-    i.add_argument("--n_per_task", type=int, default=200, help="bundled set: examples per task")
-    i.add_argument("--test_frac", type=float, default=0.1)
-    i.add_argument("--block_size", type=int, default=None,
-                   help="context (default: the checkpoint's; 384 for scratch: Alpaca prompts are ~300 characters)")
-    i.add_argument("--max_eval", type=int, default=100, help="held-out examples to score")
-    i.add_argument("--max_new_tokens", type=int, default=48)
-    i.set_defaults(func=run_instruct, batch_size=8)
+    instruct = sub.add_parser("finetune-instruct", help="instruction-tune a GPT (Alpaca format, loss on responses)",
+                              description=HELP_INSTRUCT, formatter_class=_Raw)
+    _common(instruct)
+    instruct.add_argument("--data", default=None,
+                          help="Alpaca JSON (list) or JSONL of {instruction, input, output}")
+    instruct.add_argument("--n_per_task", type=int, default=200, help="bundled set: examples per task")
+    instruct.add_argument("--test_frac", type=float, default=0.1)
+    instruct.add_argument("--block_size", type=int, default=None,
+                          help="context (default: the checkpoint's; 384 for scratch: Alpaca prompts are ~300 "
+                               "characters)")
+    instruct.add_argument("--max_eval", type=int, default=100, help="held-out examples to score")
+    instruct.add_argument("--max_new_tokens", type=int, default=48)
+    instruct.set_defaults(func=run_instruct, batch_size=8)
 
 
 def _fail(cmd, msg):
@@ -130,8 +132,8 @@ def _classify(args):
                                     args.per_work, args.seed)
         train, test = D.classification_split(examples, args.split, args.test_frac, args.seed, works)
     labels = C.label_ids(train)
-    xs, ys = C.encode_examples(train, tok.encode, labels, max_len)
-    xt, yt = C.encode_examples(test, tok.encode, labels, max_len)
+    train_seqs, train_labels = C.encode_examples(train, tok.encode, labels, max_len)
+    test_seqs, test_labels = C.encode_examples(test, tok.encode, labels, max_len)
     print(f"{len(train)} training and {len(test)} test texts, {len(labels)} classes {labels}; "
           f"model {gpt.num_params() / 1e6:.2f}M parameters from {args.init_from}")
     clf = C.GPTClassifier(gpt, len(labels))
@@ -139,16 +141,17 @@ def _classify(args):
                            trainable_blocks=args.trainable_blocks, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                            lora_dropout=args.lora_dropout, lora_targets=tuple(args.lora_targets.split(",")),
                            seed=args.seed)
-    stats = C.train_classifier(clf, xs, ys, cfg)
-    ev = C.evaluate_classifier(clf, xt, yt, len(labels))
+    stats = C.train_classifier(clf, train_seqs, train_labels, cfg)
+    scores = C.evaluate_classifier(clf, test_seqs, test_labels, len(labels))
     print(f"trainable parameters {stats['trainable']:,}; step {stats['step_time'] * 1e3:.0f} ms")
-    print(f"test accuracy {ev['accuracy']:.3f} (majority-class baseline {C.majority_baseline(ys, yt):.3f})")
-    print(format_confusion(ev["confusion"], labels))
+    majority = C.majority_baseline(train_labels, test_labels)
+    print(f"test accuracy {scores['accuracy']:.3f} (majority-class baseline {majority:.3f})")
+    print(format_confusion(scores["confusion"], labels))
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         save_checkpoint(os.path.join(args.out_dir, "classifier.npz"), {
             "model": clf.state_dict(), "model_config": gpt.config.to_dict(), "labels": labels, "meta": meta,
-            "finetune_config": C.config_dict(cfg), "accuracy": ev["accuracy"]})
+            "finetune_config": C.config_dict(cfg), "accuracy": scores["accuracy"]})
         if args.lora_r:
             save_lora(gpt, os.path.join(args.out_dir, "adapter.npz"))
         print(f"saved {args.out_dir}/classifier.npz")
@@ -197,11 +200,11 @@ def _instruct(args):
     before = I.evaluate_instruct(gpt, test, tok, generate=False)
     stats = I.train_instruct(gpt, pairs, I.InstructConfig(args.max_iters, args.batch_size, args.learning_rate,
                                                           seed=args.seed))
-    ev = I.evaluate_instruct(gpt, test, tok, max_new_tokens=args.max_new_tokens)
+    scores = I.evaluate_instruct(gpt, test, tok, max_new_tokens=args.max_new_tokens)
     print(f"step {stats['step_time'] * 1e3:.0f} ms; held-out log-likelihood per response token "
-          f"{before['loglik_per_token']:.3f} before -> {ev['loglik_per_token']:.3f} after; "
-          f"exact match {ev['exact_match']:.3f}")
-    for task, r in ev["by_task"].items():
+          f"{before['loglik_per_token']:.3f} before -> {scores['loglik_per_token']:.3f} after; "
+          f"exact match {scores['exact_match']:.3f}")
+    for task, r in scores["by_task"].items():
         print(f"  {task:<10} n={r['n']:<4} exact match {r['exact_match']:.3f}  "
               f"loglik/token {r['loglik_per_token']:.3f}")
     for ex in test[:3]:

@@ -3,19 +3,19 @@ import sys
 
 
 def register(sub):
-    p = sub.add_parser("prepare", help="tokenize text into train.bin/val.bin for npgpt train",
-                       description="Tokenize a file, directory or glob of .txt/.jsonl files into DIR/train.bin, "
-                                   "DIR/val.bin (uint16 ids, uint32 when ids exceed 65,535) and DIR/meta.json. "
-                                   "A .txt file is one document, a .jsonl line one document (its 'text' "
-                                   "field); BPE tokenizers put <|endoftext|> between documents. The first "
-                                   "90%% of the tokens train, the last 10%% validate (--val-fraction).")
-    p.add_argument("--input", nargs="+", default=None, help="inputs (default: the bundled Shakespeare)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", default="char", help="char (default), gpt2, or a saved tokenizer file")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for val.bin (default 0.1)")
-    p.add_argument("--workers", type=int, default=None, help="processes for BPE (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    parser = sub.add_parser("prepare", help="tokenize text into train.bin/val.bin for npgpt train",
+                            description="Tokenize a file, directory or glob of .txt/.jsonl files into DIR/train.bin, "
+                                        "DIR/val.bin (uint16 ids, uint32 when ids exceed 65,535) and DIR/meta.json. "
+                                        "A .txt file is one document, a .jsonl line one document (its 'text' "
+                                        "field); BPE tokenizers put <|endoftext|> between documents. The first "
+                                        "90%% of the tokens train, the last 10%% validate (--val-fraction).")
+    parser.add_argument("--input", nargs="+", default=None, help="inputs (default: the bundled Shakespeare)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--tokenizer", default="char", help="char (default), gpt2, or a saved tokenizer file")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for val.bin (default 0.1)")
+    parser.add_argument("--workers", type=int, default=None, help="processes for BPE (default: all cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
 
 
 def run(args):

@@ -4,28 +4,29 @@ import sys
 
 
 def register(sub):
-    p = sub.add_parser("tokenize", help="show the GPT-2 (or a saved) tokenization of text, or decode ids",
-                       description='npgpt tokenize "Hello world"      prints ids and pieces\n'
-                                   'npgpt tokenize --decode 15496 11   prints the text of ids\n'
-                                   'With no text, reads standard input.',
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("text", nargs="*", help="text to encode (or ids with --decode)")
-    p.add_argument("--decode", action="store_true", help="treat the arguments as token ids and decode them")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="gpt2 (default), a saved tokenizer file (.json/.tiktoken), or a prepared data directory "
-                        "(its meta.json names the tokenizer, e.g. char)")
-    p.set_defaults(func=run_tokenize)
+    parser = sub.add_parser("tokenize", help="show the GPT-2 (or a saved) tokenization of text, or decode ids",
+                            description='npgpt tokenize "Hello world"      prints ids and pieces\n'
+                                        'npgpt tokenize --decode 15496 11   prints the text of ids\n'
+                                        'With no text, reads standard input.',
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("text", nargs="*", help="text to encode (or ids with --decode)")
+    parser.add_argument("--decode", action="store_true", help="treat the arguments as token ids and decode them")
+    parser.add_argument("--tokenizer", default="gpt2",
+                        help="gpt2 (default), a saved tokenizer file (.json/.tiktoken), or a prepared data directory "
+                             "(its meta.json names the tokenizer, e.g. char)")
+    parser.set_defaults(func=run_tokenize)
 
-    t = sub.add_parser("train-tokenizer", help="train a byte-level BPE vocabulary on text files",
-                       description="Learn a byte-level BPE vocabulary (GPT-2 pre-tokenization by default) "
-                                   "and save it as readable JSON (PATH.json) or tiktoken ranks (PATH.tiktoken).")
-    t.add_argument("input", nargs="+", help="text files (.txt/.jsonl), directories or globs")
-    t.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size, specials included (>= 257)")
-    t.add_argument("--out", required=True, help="where to save: PATH.json (readable) or PATH.tiktoken")
-    t.add_argument("--pattern", default="gpt2", help="pre-tokenizer: gpt2 (default), gpt4, none, or a regex")
-    t.add_argument("--special", action="append", default=None, metavar="TOKEN",
-                   help="special token (repeatable; default <|endoftext|>)")
-    t.set_defaults(func=run_train_tokenizer)
+    parser = sub.add_parser("train-tokenizer", help="train a byte-level BPE vocabulary on text files",
+                            description="Learn a byte-level BPE vocabulary (GPT-2 pre-tokenization by default) "
+                                        "and save it as readable JSON (PATH.json) or tiktoken ranks (PATH.tiktoken).")
+    parser.add_argument("input", nargs="+", help="text files (.txt/.jsonl), directories or globs")
+    parser.add_argument("--vocab-size", type=int, required=True,
+                        help="total vocabulary size, specials included (>= 257)")
+    parser.add_argument("--out", required=True, help="where to save: PATH.json (readable) or PATH.tiktoken")
+    parser.add_argument("--pattern", default="gpt2", help="pre-tokenizer: gpt2 (default), gpt4, none, or a regex")
+    parser.add_argument("--special", action="append", default=None, metavar="TOKEN",
+                        help="special token (repeatable; default <|endoftext|>)")
+    parser.set_defaults(func=run_train_tokenizer)
 
 
 def _fail(cmd, e):

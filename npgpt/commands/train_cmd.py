@@ -15,32 +15,32 @@ Keys: {keys}"""
 def register(sub):
     from ..train import TrainConfig
     keys = " ".join(TrainConfig.field_types())
-    p = sub.add_parser("train", help="train a GPT (default: char-level Shakespeare on the CPU)",
-                       description=HELP_TRAIN.format(keys=keys), formatter_class=_Raw)
-    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of training keys")
-    p.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
-    p.set_defaults(func=run_train, accepts_overrides=True)
+    train = sub.add_parser("train", help="train a GPT (default: char-level Shakespeare on the CPU)",
+                           description=HELP_TRAIN.format(keys=keys), formatter_class=_Raw)
+    train.add_argument("--config", metavar="FILE", help="JSON or TOML file of training keys")
+    train.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
+    train.set_defaults(func=run_train, accepts_overrides=True)
 
-    s = sub.add_parser("sample", help="sample text from a trained checkpoint or a Hugging Face GPT-2")
-    s.add_argument("--out_dir", default="out-shakespeare-char", help="directory holding ckpt.npz")
-    s.add_argument("--hf", metavar="DIR", default=None,
-                   help="sample from a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors) "
-                        "instead of --out_dir; uses the GPT-2 tokenizer (or the one npgpt_meta.json names)")
-    s.add_argument("--start", default="\n", help="prompt text (or FILE:path to read it from a file)")
-    s.add_argument("--num_samples", type=int, default=1)
-    s.add_argument("--max_new_tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top_k", type=int, default=200)
-    s.add_argument("--top_p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=1337)
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    s.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
-    s.set_defaults(func=run_sample)
+    sample = sub.add_parser("sample", help="sample text from a trained checkpoint or a Hugging Face GPT-2")
+    sample.add_argument("--out_dir", default="out-shakespeare-char", help="directory holding ckpt.npz")
+    sample.add_argument("--hf", metavar="DIR", default=None,
+                        help="sample from a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors) "
+                             "instead of --out_dir; uses the GPT-2 tokenizer (or the one npgpt_meta.json names)")
+    sample.add_argument("--start", default="\n", help="prompt text (or FILE:path to read it from a file)")
+    sample.add_argument("--num_samples", type=int, default=1)
+    sample.add_argument("--max_new_tokens", type=int, default=500)
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    sample.add_argument("--top_k", type=int, default=200)
+    sample.add_argument("--top_p", type=float, default=None)
+    sample.add_argument("--seed", type=int, default=1337)
+    sample.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    sample.add_argument("--no-cache", action="store_true", help="recompute the whole context every step")
+    sample.set_defaults(func=run_sample)
 
-    pl = sub.add_parser("plot", help="plot the loss curves of a run to a PNG (needs matplotlib)")
-    pl.add_argument("--out_dir", default="out-shakespeare-char", help="directory holding log.jsonl")
-    pl.add_argument("--out", default=None, help="PNG path (default OUT_DIR/loss.png)")
-    pl.set_defaults(func=run_plot)
+    plot = sub.add_parser("plot", help="plot the loss curves of a run to a PNG (needs matplotlib)")
+    plot.add_argument("--out_dir", default="out-shakespeare-char", help="directory holding log.jsonl")
+    plot.add_argument("--out", default=None, help="PNG path (default OUT_DIR/loss.png)")
+    plot.set_defaults(func=run_plot)
 
 
 class _Raw(__import__("argparse").RawDescriptionHelpFormatter):
@@ -66,18 +66,19 @@ def parse_overrides(tokens):
     return out
 
 
-def _convert(key, value, typ):
+def _convert(key, value, field_type):
+    """A --key=value text as the config field's type (bool, int, float or str); non-text unchanged."""
     if isinstance(value, str):
-        if typ in (bool, "bool"):
-            low = value.lower()
-            if low not in ("true", "false", "1", "0", "yes", "no"):
+        if field_type in (bool, "bool"):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(f"--{key} expects true/false, got {value!r}")
-            return low in ("true", "1", "yes")
-        conv = {int: int, "int": int, float: float, "float": float}.get(typ, str)
+            return lowered in ("true", "1", "yes")
+        parse = {int: int, "int": int, float: float, "float": float}.get(field_type, str)
         try:
-            return conv(value)
+            return parse(value)
         except ValueError:
-            raise ValueError(f"--{key} expects {getattr(conv, '__name__', conv)}, got {value!r}") from None
+            raise ValueError(f"--{key} expects {getattr(parse, '__name__', parse)}, got {value!r}") from None
     return value
 
 
@@ -183,15 +184,15 @@ def run_plot(args):
         print('npgpt plot: error: needs matplotlib: pip install -e ".[plot]"', file=sys.stderr)
         return 2
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    train = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
+    steps = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train (batch)")
+    if steps:
+        ax.plot(*zip(*steps), lw=0.8, alpha=0.6, label="train (batch)")
     if evals:
-        it, tr, va = zip(*evals)
-        ax.plot(it, tr, "o-", label="train (eval)")
-        ax.plot(it, va, "o-", label="val (eval)")
+        iters, train_losses, val_losses = zip(*evals)
+        ax.plot(iters, train_losses, "o-", label="train (eval)")
+        ax.plot(iters, val_losses, "o-", label="val (eval)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()

@@ -19,7 +19,7 @@ from .. import backend
 from .. import functional as F
 from ..engine import no_grad
 from ..nn import Module, Linear
-from .base import make_optimizer, run_steps
+from .base import check_dtype, finetune_optimizer, run_steps
 from .datasets import pad_batch
 
 __all__ = ["hidden_states", "GPTClassifier", "freeze_blocks", "ClassifyConfig", "train_classifier",
@@ -77,7 +77,8 @@ def freeze_blocks(clf, trainable_blocks=None):
 
 @dataclass
 class ClassifyConfig:
-    """Fine-tuning knobs. ``trainable_blocks``: None = full fine-tuning; ``lora_r`` > 0 adds adapters."""
+    """Fine-tuning knobs. ``trainable_blocks``: None = full fine-tuning; ``lora_r`` > 0 adds adapters;
+    ``dtype="float16"``: fp16 compute of the trained parameters, float32 master weights."""
     max_iters: int = 300
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -91,6 +92,7 @@ class ClassifyConfig:
     lora_targets: tuple = ("attn.c_attn", "attn.c_proj")
     eval_batch_size: int = 32
     seed: int = 0
+    dtype: str = None
 
     def __post_init__(self):
         for k in ("max_iters", "batch_size", "eval_batch_size"):
@@ -100,6 +102,7 @@ class ClassifyConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0 = no adapters), got {self.lora_r}")
+        check_dtype(self.dtype)
 
 
 def label_ids(examples):
@@ -124,18 +127,19 @@ def encode_examples(examples, encode, labels, max_len):
 
 def optimizer_state_bytes(opt):
     """Bytes of optimizer state (AdamW's two moments) plus the gradients of its parameters."""
-    n = sum(p.size * p.dtype.itemsize for p in opt._params())
+    n = sum(p.size * p.dtype.itemsize for group in opt.param_groups for p in group["params"])
     return 3 * int(n)
 
 
 def train_classifier(clf, seqs, y, cfg, log=print):
     """Fine-tune ``clf`` on token sequences ``seqs`` with labels ``y`` (class indices).
 
-    AdamW over the parameters that require gradients, linear warmup then constant rate, padded
-    random minibatches. Returns {"losses", "step_time" (median seconds), "trainable" (count),
-    "opt_bytes" (AdamW moments + gradients), "peak_bytes"}: ``peak_bytes`` is the peak of memory
-    allocated during the first three steps (activations, gradients, optimizer state), by tracemalloc,
-    which NumPy reports its buffers to.
+    Pretraining's flat AdamW over the parameters that require gradients (``base.run_steps``), linear
+    warmup then constant rate, padded random minibatches. Returns {"losses", "step_time" (median
+    seconds), "trainable" (count), "opt_bytes" (AdamW moments + gradients), "peak_bytes"}:
+    ``peak_bytes`` is the peak of memory allocated from building the optimizer (its flat copy of the
+    trained weights, their gradients and AdamW moments) through the first three steps (activations),
+    by tracemalloc, which NumPy reports its buffers to.
     """
     if cfg.lora_r > 0:
         from ..lora import apply_lora
@@ -143,7 +147,8 @@ def train_classifier(clf, seqs, y, cfg, log=print):
     elif cfg.trainable_blocks is not None:
         freeze_blocks(clf, cfg.trainable_blocks)
     params = [p for p in clf.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
+    tracemalloc.start()
+    opt = finetune_optimizer(params, cfg)
     clf.train()
     peak = 0
 
@@ -156,8 +161,7 @@ def train_classifier(clf, seqs, y, cfg, log=print):
     def loss_of(batch):
         ids, lengths = pad_batch([seqs[i] for i in batch])
         return F.cross_entropy(clf(ids, lengths), backend.to_device(y[batch]))
-    tracemalloc.start()
-    losses, times = run_steps(cfg, len(seqs), loss_of, params, opt, log, stop_tracing)
+    losses, times = run_steps(cfg, len(seqs), loss_of, opt, log, stop_tracing)
     if tracemalloc.is_tracing():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()

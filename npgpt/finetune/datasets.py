@@ -13,8 +13,7 @@ import re
 import numpy as np
 
 __all__ = ["bundled_works_path", "load_works", "split_works", "passages", "genre_passages",
-           "classification_split", "load_labeled", "instruction_examples", "split_examples",
-           "tokenizer_from_meta", "extend_char_vocab", "pad_batch", "CharTokenizer"]
+           "classification_split", "load_labeled", "instruction_examples", "split_examples", "pad_batch"]
 
 FRONT_MATTER_CHARS = 1500   # title page and cast list at the start of each work, skipped
 
@@ -57,19 +56,19 @@ def passages(text, encode, min_tokens=100, max_tokens=300, skip_chars=FRONT_MATT
     ``min_tokens`` is dropped (a single over-long line is cut to ``max_tokens`` characters' worth).
     """
     lines = [ln.rstrip() for ln in text[skip_chars:].split("\n")]
-    out, cur, n = [], [], 0
+    out, group, n_tokens = [], [], 0
     for ln in lines:
         k = len(encode(ln + "\n"))
-        if cur and n + k > max_tokens:
-            if n >= min_tokens:
-                out.append("\n".join(cur))
-            cur, n = [], 0
+        if group and n_tokens + k > max_tokens:
+            if n_tokens >= min_tokens:
+                out.append("\n".join(group))
+            group, n_tokens = [], 0
         if k > max_tokens:
             continue
-        cur.append(ln)
-        n += k
-    if cur and n >= min_tokens:
-        out.append("\n".join(cur))
+        group.append(ln)
+        n_tokens += k
+    if group and n_tokens >= min_tokens:
+        out.append("\n".join(group))
     return [p.strip("\n") for p in out if len(encode(p.strip("\n"))) >= min_tokens]
 
 
@@ -79,11 +78,11 @@ def genre_passages(works, encode, min_tokens=100, max_tokens=300, per_work=None,
     rng = np.random.default_rng(seed)
     out = []
     for w in works:
-        ps = passages(w["text"], encode, min_tokens, max_tokens)
-        if per_work is not None and len(ps) > per_work:
-            keep = np.sort(rng.choice(len(ps), per_work, replace=False))
-            ps = [ps[i] for i in keep]
-        out += [{"text": p, "label": w["genre"], "work": w["work"]} for p in ps]
+        found = passages(w["text"], encode, min_tokens, max_tokens)
+        if per_work is not None and len(found) > per_work:
+            keep = np.sort(rng.choice(len(found), per_work, replace=False))
+            found = [found[i] for i in keep]
+        out += [{"text": p, "label": w["genre"], "work": w["work"]} for p in found]
     return out
 
 
@@ -188,8 +187,8 @@ def instruction_examples(works, n_per_task=200, seed=0):
 
     def pick_line():
         w = with_lines[rng.integers(len(with_lines))]
-        ls = lines[w["work"]]
-        return w, ls[rng.integers(len(ls))]
+        work_lines = lines[w["work"]]
+        return w, work_lines[rng.integers(len(work_lines))]
 
     for _ in range(n_per_task):
         w, line = pick_line()
@@ -201,10 +200,11 @@ def instruction_examples(works, n_per_task=200, seed=0):
                     "task": "genre"})
     for _ in range(n_per_task if plays else 0):
         w = plays[rng.integers(len(plays))]
-        sp = speeches[w["work"]]
-        i = int(rng.integers(len(sp) - 1))
-        out.append({"instruction": "Who speaks next?", "input": f"{sp[i][0]}: {sp[i][1][0]}",
-                    "output": sp[i + 1][0], "task": "speaker"})
+        work_speeches = speeches[w["work"]]
+        i = int(rng.integers(len(work_speeches) - 1))
+        speaker, speech = work_speeches[i]
+        out.append({"instruction": "Who speaks next?", "input": f"{speaker}: {speech[0]}",
+                    "output": work_speeches[i + 1][0], "task": "speaker"})
     for _ in range(n_per_task):
         _, line = pick_line()
         words = line.split()
@@ -229,71 +229,7 @@ def split_examples(examples, test_frac=0.1, seed=0):
     return [examples[i] for i in order[k:]], [examples[i] for i in order[:k]]
 
 
-# ---- tokens ---------------------------------------------------------------------------------------
-
-class CharTokenizer:
-    """One token per character of a fixed alphabet (the layout of a char ``meta.json``: ``chars``).
-
-    Used when ``npgpt.tokenizer`` is unavailable; it encodes and decodes exactly as a char tokenizer
-    built from the same alphabet. Unknown characters raise a ValueError naming them."""
-
-    def __init__(self, chars):
-        self.chars = list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.n_vocab = len(self.chars)
-
-    @classmethod
-    def from_text(cls, text):
-        return cls(sorted(set(text)))
-
-    def encode(self, text):
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in this char tokenizer's alphabet") from None
-
-    def decode(self, ids):
-        return "".join(self.chars[int(i)] for i in ids)
-
-
-def tokenizer_from_meta(meta):
-    """The tokenizer a checkpoint was trained with, from its ``meta`` dict
-    (``npgpt.tokenizer.load_tokenizer_from_meta``; a plain char alphabet also works without it)."""
-    try:
-        from ..tokenizer import load_tokenizer_from_meta
-    except ImportError:
-        if meta.get("tokenizer", "char") == "char" and "chars" in meta:
-            return CharTokenizer(meta["chars"])
-        raise
-    return load_tokenizer_from_meta(meta)
-
-
-def extend_char_vocab(model, meta, text):
-    """Make a char-level ``model`` able to read every character of ``text``: the alphabet becomes
-    sorted(old | new) (what any char tokenizer builds from it), the token-embedding rows of the old
-    characters move to their new ids and each new character gets a fresh N(0, 0.02^2) row (the tied
-    LM head follows). Returns the new meta (unchanged when nothing is missing).
-
-    The Alpaca template needs '#', which Shakespeare never uses; this is how a Shakespeare char
-    model learns to read it.
-    """
-    if meta.get("tokenizer", "char") != "char" or "chars" not in meta:
-        return meta
-    old = list(meta["chars"])
-    extra = sorted(set(text) - set(old))
-    if not extra:
-        return meta
-    from ..nn import Parameter, normal_
-    new = sorted(set(old) | set(extra))
-    wte = model.transformer.wte.weight
-    C = wte.shape[1]
-    table = normal_((len(new), C), 0.02)                                     # (V', C)
-    index = {c: i for i, c in enumerate(new)}
-    table[np.array([index[c] for c in old])] = wte.data[:len(old)]
-    model.transformer.wte.weight = Parameter(table, requires_grad=wte.requires_grad)
-    model.config.vocab_size = len(new)
-    return {**meta, "chars": new, "vocab_size": len(new)}
-
+# ---- batches -------------------------------------------------------------------------------------
 
 def pad_batch(seqs, pad_id=0, max_len=None):
     """Right-pad token lists to the longest one (or cut to ``max_len``, keeping the start).

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import backend
 from ..engine import no_grad
-from .base import make_optimizer, run_steps
+from .base import check_dtype, finetune_optimizer, run_steps
 
 __all__ = ["PROMPT_WITH_INPUT", "PROMPT_NO_INPUT", "CHAR_END", "IGNORE_INDEX", "format_prompt",
            "end_ids", "encode_instruction", "collate", "fit_examples", "load_instructions", "InstructConfig",
@@ -58,11 +58,11 @@ def encode_instruction(ex, tok):
     seq = prompt + output + END. Target y[i] predicts seq[i + 1]; it belongs to the response when
     i + 1 >= len(prompt), so y[:len(prompt) - 1] is masked.
     """
-    p = list(tok.encode(format_prompt(ex)))
-    r = list(tok.encode(ex["output"])) + end_ids(tok)
-    seq = p + r
+    prompt = list(tok.encode(format_prompt(ex)))
+    response = list(tok.encode(ex["output"])) + end_ids(tok)
+    seq = prompt + response
     y = seq[1:]
-    y[:len(p) - 1] = [IGNORE_INDEX] * (len(p) - 1)
+    y[:len(prompt) - 1] = [IGNORE_INDEX] * (len(prompt) - 1)
     return seq[:-1], y
 
 
@@ -71,12 +71,12 @@ def collate(pairs, pad_id=0):
     if not pairs:
         raise ValueError("collate needs at least one example")
     T = max(len(x) for x, _ in pairs)
-    X = np.full((len(pairs), T), pad_id, dtype=np.int64)                 # (B, T)
-    Y = np.full((len(pairs), T), IGNORE_INDEX, dtype=np.int64)           # (B, T)
+    inputs = np.full((len(pairs), T), pad_id, dtype=np.int64)            # (B, T)
+    targets = np.full((len(pairs), T), IGNORE_INDEX, dtype=np.int64)     # (B, T)
     for i, (x, y) in enumerate(pairs):
-        X[i, :len(x)] = x
-        Y[i, :len(y)] = y
-    return X, Y
+        inputs[i, :len(x)] = x
+        targets[i, :len(y)] = y
+    return inputs, targets
 
 
 def load_instructions(path):
@@ -113,27 +113,30 @@ def fit_examples(examples, tok, block_size):
 
 
 class InstructConfig:
-    """Fine-tuning knobs (keyword arguments; see the defaults)."""
+    """Fine-tuning knobs (keyword arguments; see the defaults). ``dtype="float16"``: fp16 compute of
+    the trained parameters, float32 master weights."""
 
     def __init__(self, max_iters=300, batch_size=8, learning_rate=1e-3, weight_decay=0.0, grad_clip=1.0,
-                 warmup_iters=20, seed=0):
+                 warmup_iters=20, seed=0, dtype=None):
         if max_iters < 0 or batch_size < 1 or learning_rate <= 0:
             raise ValueError("max_iters must be >= 0, batch_size >= 1 and learning_rate > 0")
+        check_dtype(dtype)
         self.max_iters, self.batch_size, self.learning_rate = max_iters, batch_size, learning_rate
         self.weight_decay, self.grad_clip, self.warmup_iters, self.seed = weight_decay, grad_clip, warmup_iters, seed
+        self.dtype = dtype
 
 
 def train_instruct(model, pairs, cfg, pad_id=0, log=print):
     """Fine-tune a GPT on encoded (x, y) pairs with the masked loss; only parameters that require
     gradients train (so it works after ``apply_lora``). Returns {"losses", "step_time"}."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
+    opt = finetune_optimizer(params, cfg)
     model.train()
 
     def loss_of(batch):
         x, y = collate([pairs[i] for i in batch], pad_id)
         return model(x, y)[1]
-    losses, times = run_steps(cfg, len(pairs), loss_of, params, opt, log)
+    losses, times = run_steps(cfg, len(pairs), loss_of, opt, log)
     model.eval()
     return {"losses": losses, "step_time": float(np.median(times)) if times else 0.0}
 
@@ -167,9 +170,9 @@ def evaluate_instruct(model, examples, tok, batch_size=16, max_new_tokens=64, ge
     for i in range(0, len(pairs), batch_size):
         x, y = collate(pairs[i:i + batch_size])
         logits, _ = model(x)
-        L = backend.to_numpy(logits.data).astype(np.float64)                 # (B, T, V)
-        L = L - L.max(-1, keepdims=True)
-        logp = L - np.log(np.exp(L).sum(-1, keepdims=True))
+        shifted = backend.to_numpy(logits.data).astype(np.float64)           # (B, T, V)
+        shifted = shifted - shifted.max(-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))      # (B, T, V)
         keep = y != IGNORE_INDEX
         tok_lp = np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0] * keep
         nll[i:i + len(x)] = -tok_lp.sum(1)

@@ -7,6 +7,7 @@ Models are Unsupervised Multitask Learners"). Files, one idea each:
     encoding.py  pre-tokenizer patterns, rank-ordered merging, Encoding (tiktoken's API)
     loading.py   .tiktoken rank files (GPT-2's ships in npgpt/assets), HF vocab.json + merges.txt
     trainer.py   incremental BPE training, BasicTokenizer / RegexTokenizer, save/load
+    reference.py minbpe-style reference trainer (get_stats, merge): the fast trainer's test oracle
     char.py      CharTokenizer (one id per character)
 
     from npgpt.tokenizer import get_encoding
@@ -16,11 +17,12 @@ Models are Unsupervised Multitask Learners"). Files, one idea each:
 from .encoding import Encoding, GPT2_PATTERN, GPT4_PATTERN
 from .loading import get_encoding, load_tiktoken_bpe, save_tiktoken_bpe, load_hf_bpe, bytes_to_unicode
 from .trainer import BasicTokenizer, RegexTokenizer, train_bpe, load_tokenizer
+from .reference import train_bpe_reference
 from .char import CharTokenizer
 
 __all__ = ["Encoding", "GPT2_PATTERN", "GPT4_PATTERN", "get_encoding", "load_tiktoken_bpe", "save_tiktoken_bpe",
-           "load_hf_bpe", "bytes_to_unicode", "BasicTokenizer", "RegexTokenizer", "train_bpe", "load_tokenizer",
-           "CharTokenizer", "load_tokenizer_from_meta", "tokenizer_from_name"]
+           "load_hf_bpe", "bytes_to_unicode", "BasicTokenizer", "RegexTokenizer", "train_bpe", "train_bpe_reference",
+           "load_tokenizer", "CharTokenizer", "load_tokenizer_from_meta", "tokenizer_from_name"]
 
 
 def tokenizer_from_name(name):

@@ -137,9 +137,9 @@ class Encoding:
     # ---- encoding ----------------------------------------------------------------------------------
     def _bpe(self, piece):
         """Ids of one pre-token (str), stored in the cache (emptied when it reaches _CACHE_MAX)."""
-        b = piece.encode("utf-8")                    # a lone surrogate raises: see encode_ordinary
-        r = self.mergeable_ranks.get(b)              # a whole pre-token that is a token: no merging
-        ids = (r,) if r is not None else tuple(bpe_merge(b, self.mergeable_ranks))
+        data = piece.encode("utf-8")                 # a lone surrogate raises: see encode_ordinary
+        rank = self.mergeable_ranks.get(data)        # a whole pre-token that is a token: no merging
+        ids = (rank,) if rank is not None else tuple(bpe_merge(data, self.mergeable_ranks))
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[piece] = ids

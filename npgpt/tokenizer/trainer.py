@@ -5,9 +5,10 @@ The text is pre-tokenized once and reduced to its unique pre-tokens with their f
 frequency, with an index pair -> positions where it occurs, and a max-heap of (-count, pair) with
 lazy deletion (an entry whose count is out of date is skipped when popped). A merge visits only
 the positions of its pair and updates only the neighbouring pairs' counts, so each merge costs in
-proportion to how often the pair occurs rather than to the corpus (minbpe recounts everything).
-This holds for BasicTokenizer's single long sequence too. Pairs are counted with overlaps ("aaa"
-holds (a, a) twice), as in minbpe and HF tokenizers.
+proportion to how often the pair occurs rather than to the corpus (minbpe recounts everything, as
+``reference.train_bpe_reference`` does: the test oracle of ``train_bpe``). This holds for
+BasicTokenizer's single long sequence too. Pairs are counted with overlaps ("aaa" holds (a, a)
+twice), as in minbpe and HF tokenizers.
 
 Ties: among pairs with equal counts the one with the smallest (left id, right id) is merged first.
 This reproduces Wikipedia's example: "aaabdaaabac" merges aa -> Z, then ab -> Y (ab ties with Za,
@@ -57,8 +58,8 @@ def train_bpe(word_counts, num_merges, verbose=False):
     heapq.heapify(heap)
     merges = []
     while len(merges) < num_merges and heap:
-        negc, pair = heapq.heappop(heap)
-        if counts.get(pair, 0) != -negc:
+        neg_count, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -neg_count:
             continue                                # stale entry: the count changed since it was pushed
         a, b = pair
         z = 256 + len(merges)
@@ -70,21 +71,19 @@ def train_bpe(word_counts, num_merges, verbose=False):
                 continue                            # consumed by the previous occurrence ("aaa")
             w, p, k = weight[i], prv[i], nxt[j]
             if p != -1:                             # (x, a) at p -> (x, z)
-                q = (tok[p], a)
-                counts[q] -= w
-                where[q].discard(p)
-                r = (tok[p], z)
-                counts[r] += w
-                where[r].add(p)
-                touched.update((q, r))
+                old, new = (tok[p], a), (tok[p], z)
+                counts[old] -= w
+                where[old].discard(p)
+                counts[new] += w
+                where[new].add(p)
+                touched.update((old, new))
             if k != -1:                             # (b, y) at j -> (z, y) at i
-                q = (b, tok[k])
-                counts[q] -= w
-                where[q].discard(j)
-                r = (z, tok[k])
-                counts[r] += w
-                where[r].add(i)
-                touched.update((q, r))
+                old, new = (b, tok[k]), (z, tok[k])
+                counts[old] -= w
+                where[old].discard(j)
+                counts[new] += w
+                where[new].add(i)
+                touched.update((old, new))
                 prv[k] = i
             tok[i], tok[j], nxt[i] = z, -1, k
         del counts[pair]
@@ -97,7 +96,7 @@ def train_bpe(word_counts, num_merges, verbose=False):
                 counts.pop(q, None)
                 where.pop(q, None)
         if verbose and len(merges) % 1000 == 0:
-            print(f"merge {len(merges)}/{num_merges}: {pair} -> {z} ({-negc} occurrences)")
+            print(f"merge {len(merges)}/{num_merges}: {pair} -> {z} ({-neg_count} occurrences)")
     return merges
 
 

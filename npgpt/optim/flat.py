@@ -1,7 +1,7 @@
 """Flat parameter and gradient buffers: every parameter is a view of ONE contiguous array, and every
 gradient a view of another.
 
-An optimizer that walks parameters one by one pays a kernel launch (CuPy, ~10 µs) or a Python
+An optimizer that walks parameters one by one pays a kernel launch (CuPy, ~10 us) or a Python
 loop iteration per parameter and per operation; GPT-2 small has 148 parameter tensors. With flat
 buffers the AdamW update, the global gradient norm and zeroing the gradients are each one pass
 over one array, and a later data-parallel all-reduce is one call (as in llm.c and PyTorch DDP's
@@ -9,9 +9,9 @@ gradient buckets).
 
 Layout: parameters in the order given, group after group, so each param group is one contiguous
 slice ``FlatParameters.group_slices[i]``. Nothing is copied twice: each parameter's values are
-copied into the buffer once, then ``p.data`` *becomes* the view. The backward pass adds into
-``p.grad`` in place (``Tensor._accumulate`` with an owned gradient), so gradients land directly
-in the flat buffer; ``zero_grad`` is one fill.
+copied into the buffer once, then ``p.data`` *becomes* the view. Each gradient view is bound to its
+parameter with ``Tensor.bind_grad_buffer``, so the backward pass adds into it in place and
+``zero_grad`` is one fill.
 
 Rules that follow: never rebind ``p.data`` or ``p.grad`` of a flat parameter (write into them:
 ``p.data[...] = value``, as ``Module.load_state_dict`` does), and unused parameters get a zero
@@ -19,7 +19,7 @@ gradient rather than None.
 """
 import numpy as np
 
-from . import backend
+from .. import backend
 
 __all__ = ["FlatParameters"]
 
@@ -43,7 +43,7 @@ class FlatParameters:
         for p in self.params:
             if not p.requires_grad or not p.is_leaf:
                 raise TypeError("flat buffers hold leaf Tensors with requires_grad=True")
-            if p._grad_fixed:
+            if p.grad_is_bound:
                 raise ValueError("a parameter is already a view of another flat buffer")
         xp = backend.get_array_module(self.params[0].data)
         if any(backend.get_array_module(p.data) is not xp for p in self.params):
@@ -67,8 +67,7 @@ class FlatParameters:
             if p.grad is not None:
                 self.grad[off:off + n] = p.grad.reshape(-1)    # keep a gradient already accumulated
             p.data = view.reshape(p.shape)
-            p.grad = self.grad[off:off + n].reshape(p.shape)
-            p._grad_owned = p._grad_fixed = True
+            p.bind_grad_buffer(self.grad[off:off + n].reshape(p.shape))
 
     def zero_grad(self):
         """All gradients to zero in one fill."""

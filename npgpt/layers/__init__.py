@@ -1,0 +1,22 @@
+"""The fused layers: each is ONE graph node whose backward is written out by hand.
+
+One file per layer, every file in the same order: the derivation (numbered equations) in the module
+docstring, ``<layer>_reference`` composed from engine primitives (the oracle of the tests), the
+NumPy forward and backward, the CUDA twin and its launcher, and a few lines of dispatch::
+
+    linear.py          y = x W + b                         (L1)-(L4)
+    embedding.py       rows of a table, scatter-add back   (E1)-(E3)
+    layer_norm.py      LayerNorm                           (N1)-(N7)
+    gelu.py            GELU, tanh approximation            (G1)-(G4)
+    softmax.py         softmax over one axis               (S1)-(S2)
+    cross_entropy.py   softmax cross-entropy               (X1)-(X4)
+    dropout.py         inverted dropout                    (D1)-(D2)
+    lora.py            linear + low-rank adapter           (R1)-(R7)
+    attention.py       scaled dot-product attention, the materialized path and the dispatch
+    attention_chunked.py   its query-block (FlashAttention-2-style) path and CUDA kernels
+    _cuda.py           the switch, CUDA prelude, kernel cache and launch helpers shared by all kernels
+    _threads.py        elementwise NumPy work over a small thread pool
+    tuning.py          measured constants, one table per backend
+
+``npgpt.functional`` re-exports the public layers.
+"""

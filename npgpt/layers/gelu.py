@@ -1,0 +1,157 @@
+"""GELU, tanh approximation (Hendrycks & Gimpel 2016), as in GPT-2, as one graph node.
+
+Forward, elementwise, with a = sqrt(2/π) and b = 0.044715:
+
+    (G1)  u = a (x + b x^3) = x (a + ab x^2)
+    (G2)  y = x/2 (1 + tanh u)
+
+Backward. dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) du/dx with du/dx = a (1 + 3b x^2).
+Writing s = 1 + tanh u (kept from the forward on NumPy), 1 - tanh^2 u = (2 - s) s, so
+
+    (G3)  dy/dx = s (1/2 + x/2 (a + 3ab x^2) (2 - s))
+    (G4)  dinp  = dout * dy/dx
+
+Shapes: x (...) -> y (...), dinp like x. float16 input is computed in float32 and the output and
+gradient cast back.
+
+The CUDA twin recomputes s from x in the backward instead of reading a saved s: GELU is
+memory-bound, and recomputing the tanh moves 3 arrays per element (x, dout -> dinp) where saving s
+would move 4 (x, s, dout -> dinp) plus 1 more in the forward and an x-sized buffer held in between.
+"""
+import math
+
+import numpy as np
+
+from ..backend import get_array_module
+from ..engine import Tensor
+from . import _cuda
+from ._threads import run_chunked
+
+__all__ = ["gelu", "gelu_reference", "GELU_A", "GELU_B"]
+
+GELU_A = math.sqrt(2.0 / math.pi)  # Python floats: a NumPy float64 scalar would upcast float32
+GELU_B = 0.044715
+
+
+# ---- reference: (G1)-(G2) composed from engine primitives ---------------------------------------
+
+def gelu_reference(x):
+    """(G1)-(G2) from engine ops; autograd supplies (G3)-(G4). The oracle for ``gelu``."""
+    from .. import ops
+    return 0.5 * x * (1.0 + ops.tanh(GELU_A * (x + GELU_B * x ** 3)))
+
+
+# ---- NumPy forward and backward, in place over the thread pool ----------------------------------
+# In place (out=) with one temporary and split over threads: RESULTS.md, "Tuning constants" (the
+# plain expressions are in the comments; every element is computed exactly as without threads).
+
+def _gelu_forward_block(X, out, s):
+    xp = get_array_module(X)
+    xp.multiply(X, X, out=s)
+    s *= GELU_A * GELU_B
+    s += GELU_A
+    s *= X                                                  # u = x (a + ab x^2)          (G1)
+    xp.tanh(s, out=s)
+    s += 1.0                                                # s = 1 + tanh u
+    xp.multiply(X, s, out=out)
+    out *= 0.5                                              # y = x s / 2                 (G2)
+
+
+def _gelu_backward_block(X, s, dout, dinp):
+    xp = get_array_module(X)
+    two_minus_s = xp.subtract(2.0, s)                       # 2 - s = 1 - tanh u
+    xp.multiply(X, X, out=dinp)
+    dinp *= 1.5 * GELU_A * GELU_B
+    dinp += 0.5 * GELU_A
+    dinp *= X                                               # x/2 (a + 3ab x^2)
+    dinp *= two_minus_s
+    dinp += 0.5
+    dinp *= s                                               # dy/dx                       (G3)
+    dinp *= dout                                            # dinp = dout dy/dx           (G4)
+
+
+def gelu_forward(X):
+    """(G1)-(G2): X (...) -> (y, s) with s = 1 + tanh u kept for the backward (float32 for float16 X)."""
+    xp = get_array_module(X)
+    if X.dtype == np.float16:
+        X = X.astype(np.float32)                            # (...) computed in float32
+    out = xp.empty_like(X)                                  # (...) y
+    s = xp.empty_like(X)                                    # (...) 1 + tanh u
+    run_chunked(_gelu_forward_block, X.reshape(-1), out.reshape(-1), s.reshape(-1))
+    return out, s
+
+
+def gelu_backward(dout, X, s):
+    """(G3)-(G4): dout, X (...) and s from the forward -> dinp (...) in s's dtype."""
+    xp = get_array_module(X)
+    X = X.astype(s.dtype, copy=False)
+    dinp = xp.empty_like(X)                                 # (...)
+    flat = (a.reshape(-1) for a in (X, s, xp.ascontiguousarray(dout, dtype=X.dtype), dinp))
+    run_chunked(_gelu_backward_block, *flat)
+    return dinp
+
+
+# ---- CUDA: two ElementwiseKernels (ACC = the accumulation type) ---------------------------------
+
+_FORWARD_BODY = """
+ACC v = (ACC)x;
+ACC s = (ACC)1 + TANH(v * ((ACC)%(a)r + (ACC)%(ab)r * v * v));
+y = (T)((ACC)0.5 * v * s);
+"""
+_BACKWARD_BODY = """
+ACC v = (ACC)x;
+ACC s = (ACC)1 + TANH(v * ((ACC)%(a)r + (ACC)%(ab)r * v * v));
+ACC g = s * ((ACC)0.5 + v * ((ACC)%(ha)r + (ACC)%(h3ab)r * v * v) * ((ACC)2 - s));
+dinp = (T)(g * (ACC)dout);
+"""
+_CONSTANTS = {"a": GELU_A, "ab": GELU_A * GELU_B, "ha": 0.5 * GELU_A, "h3ab": 1.5 * GELU_A * GELU_B}
+_PARAMS = {"forward": ("T x", "T y"), "backward": ("T x, T dout", "T dinp")}
+
+
+def _body(which, acc):
+    body = ((_FORWARD_BODY if which == "forward" else _BACKWARD_BODY) % _CONSTANTS).replace("ACC", acc)
+    return body.replace("TANH", "tanh" if acc == "double" else "tanhf")
+
+
+for _which in _PARAMS:
+    for _acc in ("float", "double"):
+        _cuda.register_source("elementwise", f"npgpt_gelu_{_which}_{_acc}", _body(_which, _acc),
+                              in_params=_PARAMS[_which][0], out_params=_PARAMS[_which][1],
+                              dtypes=("float64",) if _acc == "double" else ("float16", "float32"))
+
+
+def _gelu_kernel(xp, which, dtype):
+    acc = "double" if np.dtype(dtype) == np.float64 else "float"
+    return _cuda.elementwise_kernel(xp, f"npgpt_gelu_{which}_{acc}", *_PARAMS[which], _body(which, acc), acc)
+
+
+def gelu_forward_cuda(x):
+    """(G1)-(G2) on CuPy: x (...) -> y (...) of x's dtype."""
+    xp = get_array_module(x)
+    y = _cuda.empty(xp, x.shape, x.dtype)
+    _gelu_kernel(xp, "forward", x.dtype)(x, y)
+    return y
+
+
+def gelu_backward_cuda(x, dout):
+    """(G3)-(G4) on CuPy, s recomputed from x: x and dout (...) -> dinp (...) of x's dtype."""
+    xp = get_array_module(x)
+    dinp = _cuda.empty(xp, x.shape, x.dtype)
+    _gelu_kernel(xp, "backward", x.dtype)(x, dout.astype(x.dtype, copy=False), dinp)
+    return dinp
+
+
+# ---- the graph node: CUDA kernels or array code -------------------------------------------------
+
+def gelu(x):
+    """GELU of Tensor x (...) -> (...) of x's dtype, (G1)-(G2); its backward is (G3)-(G4)."""
+    xp = get_array_module(x.data)
+    X = xp.ascontiguousarray(x.data)
+    if _cuda.use_cuda_kernels(xp, X):
+        return Tensor.from_op(gelu_forward_cuda(X), (x,),
+                              lambda dout: x._accumulate(gelu_backward_cuda(X, dout), owned=True), "gelu")
+    out, s = gelu_forward(X)
+
+    def backward(dout):
+        x._accumulate(gelu_backward(dout, X, s).astype(x.dtype, copy=False))
+    return Tensor.from_op(out.astype(x.dtype, copy=False), (x,), backward, "gelu")
