@@ -14,6 +14,7 @@ from . import backend
 from . import functional as F
 from .engine import Tensor
 from .nn import Module, ModuleList, Embedding, LayerNorm, Block, cache_len
+from .optim import AdamW, FlatAdamW, decay_groups
 from .sampling import generate, generate_stream
 
 __all__ = ["GPTConfig", "GPT"]
@@ -148,7 +149,6 @@ class GPT(Module):
         views of one buffer, the step (with global-norm clipping at ``max_grad_norm``) is one pass,
         and ``dtype="float16"`` trains in fp16 with float32 master weights and dynamic loss scaling.
         Otherwise the per-parameter ``optim.AdamW`` (clip with ``optim.clip_grad_norm``)."""
-        from .optim import AdamW, FlatAdamW, decay_groups
         groups = decay_groups(self.parameters(), weight_decay)
         if flat or dtype is not None:
             return FlatAdamW(groups, lr=learning_rate, betas=betas, eps=eps, dtype=dtype,

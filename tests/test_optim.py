@@ -118,19 +118,19 @@ def test_adamw_matches_torch(xp):
         assert p.dtype == np.float32 and s["exp_avg"].dtype == np.float32 and s["exp_avg_sq"].dtype == np.float32
 
 
-@pytest.mark.parametrize("switch_off", ["fused=False", "NPGPT_CUDA_KERNELS=0"])
+@pytest.mark.parametrize("switch_off", ["cuda_kernel=False", "NPGPT_CUDA_KERNELS=0"])
 def test_adamw_cuda_kernel_matches_array_code(xp, switch_off, monkeypatch):
     if xp is np:
         pytest.skip("the AdamW CUDA kernel is CuPy's; NumPy always runs the array code")
     pa, pb = make_params(xp), make_params(xp)
     oa = AdamW(pa, lr=1e-2, weight_decay=0.1)                 # the kernel (the default on CuPy)
-    ob = AdamW(pb, lr=1e-2, weight_decay=0.1, **({"fused": False} if switch_off == "fused=False" else {}))
+    ob = AdamW(pb, lr=1e-2, weight_decay=0.1, **({"cuda_kernel": False} if switch_off == "cuda_kernel=False" else {}))
     for grads in make_grads(SHAPES, 10):
         set_grads(pa, grads)
         set_grads(pb, grads)
         monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
         oa.step()
-        if switch_off != "fused=False":
+        if switch_off != "cuda_kernel=False":
             monkeypatch.setenv("NPGPT_CUDA_KERNELS", "0")
         ob.step()
     for a, b in zip(pa, pb):

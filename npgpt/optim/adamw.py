@@ -130,7 +130,7 @@ class AdamW(Optimizer):
 
     ``m`` and ``v`` live in the parameter's dtype, the scalars of (5) are Python floats, so a float32
     model is updated in float32 with one shared scratch buffer and no other temporaries. On CuPy
-    each parameter is one launch of the CUDA kernel instead of eleven ufunc launches; ``fused=False``
+    each parameter is one launch of the CUDA kernel instead of eleven ufunc launches; ``cuda_kernel=False``
     (or ``NPGPT_CUDA_KERNELS=0``) runs the array code there too (results agree to float rounding).
 
     Gradient accumulation: the engine adds gradients into ``.grad`` across ``backward()`` calls, so a
@@ -146,9 +146,9 @@ class AdamW(Optimizer):
 
     _buffers = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, fused=None):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, cuda_kernel=None):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.fused = fused   # None: the CUDA kernel on CuPy (unless switched off); False: array code
+        self.cuda_kernel = cuda_kernel   # None: the CUDA kernel on CuPy (unless switched off); False: array code
 
     def _check_group(self, group):
         """The base checks, then betas in [0, 1) and eps >= 0 (shared with ``FlatAdamW``)."""
@@ -177,7 +177,7 @@ class AdamW(Optimizer):
                 t = s["step"]
                 step_size = float(group["lr"]) / (1.0 - b1 ** t)          # (5), Python floats
                 bias_correction2_sqrt = math.sqrt(1.0 - b2 ** t)
-                if (self.fused is not False and xp is not np and _cuda.enabled()
+                if (self.cuda_kernel is not False and xp is not np and _cuda.enabled()
                         and _cuda.supports(p.dtype, p.grad.dtype)):
                     adamw_kernel(xp, p.grad, p.data, s["exp_avg"], s["exp_avg_sq"], p.data, **scalars,
                                  step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt)

@@ -42,7 +42,7 @@ class FlatAdamW(Optimizer):
     parameters' dtype (the flat buffer IS the weights); ``"float16"`` casts the model to fp16 views
     of one fp16 buffer and keeps float32 master weights here. ``max_grad_norm`` > 0 clips the global
     gradient norm inside the step. ``loss_scale``: ``"dynamic"`` (the default with fp16), a fixed
-    number, or None (no scaling; the default otherwise). ``fused=False`` (or ``NPGPT_CUDA_KERNELS=0``)
+    number, or None (no scaling; the default otherwise). ``cuda_kernel=False`` (or ``NPGPT_CUDA_KERNELS=0``)
     runs the array code on CuPy instead of the CUDA kernel.
 
     Use ``opt.backward(loss)`` (backward of the loss times the scale), then ``opt.step()`` and
@@ -58,7 +58,7 @@ class FlatAdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, dtype=None,
                  max_grad_norm=0.0, loss_scale="auto", init_scale=2.0 ** 16, growth_interval=2000,
-                 fused=None):
+                 cuda_kernel=None):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         if max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {max_grad_norm}")
@@ -92,7 +92,7 @@ class FlatAdamW(Optimizer):
         self._t = xp.asarray(0, dtype=np.int64)                # 0-d: AdamW's t (taken steps), (5)
         self.grad_norm = xp.asarray(0.0, dtype=np.float32)
         self.max_grad_norm = float(max_grad_norm)
-        self.fused = fused          # None: the CUDA kernel on CuPy (unless switched off); False: array code
+        self.cuda_kernel = cuda_kernel          # None: the CUDA kernel on CuPy (unless switched off); False: array code
 
     # ---- the user-facing loop ------------------------------------------------------------------
     @property
@@ -135,7 +135,7 @@ class FlatAdamW(Optimizer):
             ok = xp.asarray(True)          # without dynamic scaling a step is never skipped (as torch)
         self._t = self._t + ok.astype(np.int64)                                 # (5)
         t = xp.maximum(self._t, 1).astype(np.float64)        # adamw (5) counts the taken steps
-        use_kernel = (self.fused is not False and xp is not np and _cuda.enabled()
+        use_kernel = (self.cuda_kernel is not False and xp is not np and _cuda.enabled()
                       and self.master.dtype == np.float32)
         if not use_kernel and not bool(ok):                  # the array code: a host branch
             self._update_scale(ok)
