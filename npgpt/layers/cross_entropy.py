@@ -48,7 +48,11 @@ def cross_entropy_reference(logits, targets, ignore_index=-100):
 
 def cross_entropy_forward(X, t, ignore_index):
     """(X1)-(X3): X (N, V), t (N,) -> (loss (), saved) where ``saved`` is what the backward needs.
-    On NumPy out-of-range targets raise; on CuPy they make the loss NaN (no host sync)."""
+    On NumPy out-of-range targets raise; on CuPy they make the loss NaN (no host sync).
+
+    Plain:  m = X.max(-1);  lse = m + log(exp(X - m[:, None]).sum(-1))
+            loss = -(X[rows, t] - lse)[kept].mean()
+    e^(x - m) is kept (in place: no second (N, V) array) and becomes the gradient buffer of (X4)."""
     xp = get_array_module(X)
     V = X.shape[1]
     if X.dtype == np.float16:
@@ -85,7 +89,9 @@ def cross_entropy_forward(X, t, ignore_index):
 
 
 def cross_entropy_backward(dout, saved):
-    """(X4): dout () and what the forward saved -> dlogits (N, V) in the compute dtype."""
+    """(X4): dout () and what the forward saved -> dlogits (N, V) in the compute dtype.
+
+    Plain:  p = exp(X - lse[:, None]);  p[rows, t] -= 1;  dlogits = p * dout / n * kept[:, None]"""
     xp = get_array_module(saved["X"])
     X, z, keep, inv_n = saved["X"], saved["z"], saved["keep"], saved["inv_n"]
     # reuse e^(x - m) as the gradient buffer the first time; recompute it if backward runs again

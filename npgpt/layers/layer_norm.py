@@ -44,7 +44,11 @@ def layer_norm_reference(x, weight=None, bias=None, eps=1e-5):
 
 def layer_norm_forward(X, w, b, eps):
     """(N1)-(N4): X (N, C), w and b (C,) or None -> (out (N, C), xhat (N, C), rstd (N, 1) = 1/σ),
-    computed in float32 for float16 X (out then still float32: the caller casts)."""
+    computed in float32 for float16 X (out then still float32: the caller casts).
+
+    Plain:  mu = X.mean(-1, keepdims=True);  rstd = 1 / sqrt(((X - mu)**2).mean(-1, keepdims=True) + eps)
+            xhat = (X - mu) * rstd;  out = xhat * w + b
+    """
     xp = get_array_module(X)
     C = X.shape[1]
     if X.dtype == np.float16:
@@ -66,7 +70,12 @@ def layer_norm_forward(X, w, b, eps):
 
 def layer_norm_backward(dout, xhat, rstd, w, need_dinp=True, need_dweight=True, need_dbias=True):
     """(N5)-(N7): dout (N, C), xhat (N, C) and rstd (N, 1) from the forward, w (C,) or None ->
-    (dinp (N, C), dweight (C,), dbias (C,)) in xhat's dtype, None where not needed."""
+    (dinp (N, C), dweight (C,), dbias (C,)) in xhat's dtype, None where not needed.
+
+    Plain:  g = dout * w
+            dinp = (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True)) * rstd
+            dweight = (dout * xhat).sum(0);  dbias = dout.sum(0)
+    """
     xp = get_array_module(xhat)
     C = xhat.shape[1]
     dout = dout.astype(xhat.dtype, copy=False)
