@@ -16,6 +16,8 @@ SUBCOMMAND_MODULES = [
     "npgpt.commands.finetune_cmd",
     "npgpt.commands.convert_cmd",
     "npgpt.commands.eval_cmd",
+    "npgpt.commands.attention_cmd",
+    "npgpt.commands.profile_cmd",
 ]
 
 

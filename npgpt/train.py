@@ -88,7 +88,7 @@ def train(cfg, log=print):
     os.makedirs(cfg.out_dir, exist_ok=True)
     # the model and its optimizer: new, or resumed with the step, best val loss and random streams
     model, opt, start_iter, best_val, batch_rng = init_or_resume(cfg, meta, log)
-    run_log = RunLog(cfg, start_iter, log)
+    run_log = RunLog(cfg, start_iter, log, model)
     next_batch = batch_source(splits["train"], cfg, start_iter, batch_rng)
     losses, iter_num = {}, start_iter
     model.train()

@@ -18,6 +18,7 @@ from .data import load_split, get_batch, ensure_prepared, DeviceBatches
 from .engine import no_grad
 from .model import GPT, GPTConfig
 from .optim import FlatAdamW, decay_groups
+from .costs import peak_flops
 
 __all__ = ["CKPT_NAME", "make_optimizer", "train_step", "use_backend", "load_data", "init_or_resume",
            "batch_source", "estimate_loss", "save_run", "RunLog", "load_model"]
@@ -163,11 +164,20 @@ def load_model(out_dir):
 class RunLog:
     """What a run reports: ``out_dir/log.jsonl`` (one record per evaluation, {"iter", "train_loss",
     "val_loss", "time"}, and one per log line, {"iter", "loss", "lr", "tokens_per_s", "grad_norm"}
-    plus "loss_scale" and "skipped_steps" under fp16), the tqdm bar, and ``history``, the loss of
-    every step. Step losses stay on the device until the next log line reads them all at once."""
+    plus "mfu" when ``model`` is given and "loss_scale" and "skipped_steps" under fp16), the tqdm bar,
+    and ``history``, the loss of every step. Step losses stay on the device until the next log line
+    reads them all at once.
 
-    def __init__(self, cfg, iter_num, log):
+    MFU as nanoGPT's: model FLOPs per token (6N + 12LHQT, ``GPT.estimate_flops_per_token``) times
+    tokens/s over the machine's peak (``profiler.peak_flops``: a float32 GEMM measured once per
+    process on the CPU, the GPU's dense peak), a fraction; the bar shows it in percent."""
+
+    def __init__(self, cfg, iter_num, log, model=None):
         self.cfg, self.log = cfg, log
+        self.flops_per_token = self.peak = None
+        if model is not None:
+            self.flops_per_token = model.estimate_flops_per_token()
+            self.peak = peak_flops(cfg.dtype, cfg.tf32)[0]    # no random stream is touched
         self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
         self.bar = None
         if cfg.progress:
@@ -205,11 +215,16 @@ class RunLog:
         self.pending.clear()
         record = {"iter": iter_num, "loss": loss_now, "lr": lr, "tokens_per_s": tokens_per_s,
                   "grad_norm": float(opt.grad_norm)}
+        if self.flops_per_token:
+            record["mfu"] = self.flops_per_token * tokens_per_s / self.peak
         if opt.mixed:
             record.update(loss_scale=opt.loss_scale, skipped_steps=opt.skipped_steps)
         self._write(record)
         if self.bar:
-            self.bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            postfix = {"loss": f"{loss_now:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_s:,.0f}"}
+            if "mfu" in record:
+                postfix["mfu"] = f"{100 * record['mfu']:.2f}%"
+            self.bar.set_postfix(postfix)
 
     def seconds(self):
         """Seconds since the loop started."""

@@ -7,8 +7,8 @@ Forward, per row x of length C (x (..., C) flattened to N rows):
     (N3)  x̂_j = (x_j - μ) / σ
     (N4)  y_j = x̂_j w_j + b_j                       w, b (C,) or None (no affine part)
 
-Backward. Let g_j = dout_j w_j, the gradient reaching x̂. From (N1)-(N3),
-dμ/dx_k = 1/C and dσ/dx_k = x̂_k / (C σ), so dx̂_j/dx_k = (δ_jk - 1/C - x̂_j x̂_k / C) / σ and
+Backward. Let g_j = dout_j w_j, the gradient reaching x̂. From (N1)-(N3), dμ/dx_k = 1/C and
+dσ/dx_k = (x_k - μ) / (C σ) = x̂_k / C, so dx̂_j/dx_k = (δ_jk - 1/C - x̂_j x̂_k / C) / σ and
 
     (N5)  dinp_k  = (g_k - mean_j(g_j) - x̂_k mean_j(g_j x̂_j)) / σ
     (N6)  dweight = sum over rows of dout x̂             (C,)

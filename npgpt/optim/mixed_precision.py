@@ -11,11 +11,11 @@ in a row S is doubled (PyTorch's GradScaler policy).
 
 One step over the flat gradient g (``flat.FlatParameters``), with S = 1 without loss scaling:
 
-    norm_S = sqrt(sum(g**2))                     (1)  one pass (``clip.global_grad_norm``)
-    ok     = isfinite(norm_S)                    (2)  the step is skipped when not ok
-    norm   = norm_S / S                          (3)  the true global gradient norm
-    c      = min(1, max_norm / (norm + 1e-6))    (4)  global-norm clipping (PyTorch's clip_grad_norm_)
-    t      = t + ok                              (5)  AdamW's step counts the taken steps
+    norm_S = sqrt(sum(g**2))                     (M1) one pass (``clip.global_grad_norm``)
+    ok     = isfinite(norm_S)                    (M2) the step is skipped when not ok
+    norm   = norm_S / S                          (M3) the true global gradient norm
+    c      = min(1, max_norm / (norm + 1e-6))    (M4) global-norm clipping (PyTorch's clip_grad_norm_)
+    t      = t + ok                              (M5) AdamW's step counts the taken steps
     then ``adamw.py``'s (0)-(5) with grad_scale = c / S on the master weights, and w = fp16(p).
 
 On CuPy every scalar above stays on the GPU (0-d arrays), and the per-element part is ONE launch
@@ -89,7 +89,7 @@ class FlatAdamW(Optimizer):
         self._scale = xp.asarray(s, dtype=np.float32)          # 0-d: S
         self._good = xp.asarray(0, dtype=np.int64)             # 0-d: good steps since the last change
         self._skipped = xp.asarray(0, dtype=np.int64)          # 0-d: steps skipped for inf/nan
-        self._t = xp.asarray(0, dtype=np.int64)                # 0-d: AdamW's t (taken steps), (5)
+        self._t = xp.asarray(0, dtype=np.int64)                # 0-d: AdamW's t (taken steps), (M5)
         self.grad_norm = xp.asarray(0.0, dtype=np.float32)
         self.max_grad_norm = float(max_grad_norm)
         self.cuda_kernel = cuda_kernel          # None: the CUDA kernel on CuPy (unless switched off); False: array code
@@ -124,17 +124,17 @@ class FlatAdamW(Optimizer):
         self.step_count += 1
         S = self._scale
         if self.scaled or self.max_grad_norm > 0:
-            norm_scaled = global_grad_norm(self.flat.grad)                      # (1), 0-d
-            ok = xp.isfinite(norm_scaled)                                       # (2)
-            self.grad_norm = norm = norm_scaled / S                             # (3)
+            norm_scaled = global_grad_norm(self.flat.grad)                      # (M1), 0-d
+            ok = xp.isfinite(norm_scaled)                                       # (M2)
+            self.grad_norm = norm = norm_scaled / S                             # (M3)
             clip = xp.minimum(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 else 1.0
-            grad_scale = xp.where(ok, clip / S, 0.0)                            # (4), adamw (0)
+            grad_scale = xp.where(ok, clip / S, 0.0)                            # (M4), adamw (0)
         else:
             ok, grad_scale = xp.asarray(True), xp.asarray(1.0)
         if not self.dynamic:
             ok = xp.asarray(True)          # without dynamic scaling a step is never skipped (as torch)
-        self._t = self._t + ok.astype(np.int64)                                 # (5)
-        t = xp.maximum(self._t, 1).astype(np.float64)        # adamw (5) counts the taken steps
+        self._t = self._t + ok.astype(np.int64)                                 # (M5)
+        t = xp.maximum(self._t, 1).astype(np.float64)        # adamw (5): t counts the taken steps
         use_kernel = (self.cuda_kernel is not False and xp is not np and _cuda.enabled()
                       and self.master.dtype == np.float32)
         if not use_kernel and not bool(ok):                  # the array code: a host branch
