@@ -10,6 +10,7 @@ import sys
 # modules that contribute subcommands, in the order `npgpt --help` lists them
 SUBCOMMAND_MODULES = [
     "npgpt.commands.train_cmd",
+    "npgpt.commands.sample_cmd",
     "npgpt.commands.prepare_cmd",
     "npgpt.commands.tokenize_cmd",
     "npgpt.commands.gradcheck_cmd",
