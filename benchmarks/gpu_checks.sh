@@ -30,7 +30,7 @@ for stage in $STAGES; do
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_gpu.py --max-seconds "${BENCH_BUDGET:-200}" \
         --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | tail -30 ;;
     train)
-      { [ -f data/shakespeare_gpt2/meta.json ] || python3 -m npgpt.cli prepare --tokenizer gpt2 --out data/shakespeare_gpt2 --no-progress
+      { [ -f data/shakespeare_gpt2/meta.json ] || python3 -m npgpt.cli prepare --tokenizer gpt2 --out_dir data/shakespeare_gpt2 --no_progress
         timeout "${TRAIN_TIMEOUT:-200}" python3 -m npgpt.cli train --config examples/shakespeare_gpt2_gpu.toml --progress=false ${TRAIN_ARGS}
         python3 -m npgpt.cli sample --out_dir out-shakespeare-gpt2-gpu --device cuda --start "ROMEO:" --max_new_tokens 120 --seed 1
         cp out-shakespeare-gpt2-gpu/log.jsonl "$OUT/train_log.jsonl"; } 2>&1 | tee "$OUT/train_gpu.log" | tail -30 ;;

@@ -1,13 +1,13 @@
 """Genre classification of Shakespeare passages: does pretraining help, and what does LoRA cost?
 
     python examples/finetune_classify.py                          # ~3 min on a laptop CPU
-    python examples/finetune_classify.py --checkpoint out-shakespeare-char --max_iters 300 --lora
+    python examples/finetune_classify.py --init_from out-shakespeare-char --max_iters 300 --lora_r 8
 
-Without --checkpoint a small char-level GPT is first pretrained (briefly) on the works that the
+Without --init_from a small char-level GPT is first pretrained (briefly) on the works that the
 split by work keeps for training, so the held-out works are never seen, not even as raw text.
 Then the same architecture is fine-tuned from that checkpoint and from random weights, on two
 splits: by work (whole plays held out: the model must generalize to new plays) and by passage
-(random passages held out: names and plots of every play are seen in training). With --lora the
+(random passages held out: names and plots of every play are seen in training). With --lora_r R the
 pretrained model is also fine-tuned with adapters and with only the last block, and the cost of
 each is printed (trainable parameters, AdamW state + gradient bytes, peak allocation, step time).
 """
@@ -59,7 +59,7 @@ def run(init_from, split, args, **cfg):
     train_seqs, train_labels = C.encode_examples(train, tok.encode, labels, gpt.config.block_size)
     test_seqs, test_labels = C.encode_examples(test, tok.encode, labels, gpt.config.block_size)
     clf = C.GPTClassifier(gpt, len(labels))
-    conf = C.ClassifyConfig(max_iters=args.max_iters, batch_size=args.batch_size, learning_rate=args.lr,
+    conf = C.ClassifyConfig(max_iters=args.max_iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
                             seed=args.seed, **cfg)
     stats = C.train_classifier(clf, train_seqs, train_labels, conf, log=None)
     scores = C.evaluate_classifier(clf, test_seqs, test_labels, len(labels))
@@ -69,7 +69,7 @@ def run(init_from, split, args, **cfg):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default=None, help="a `npgpt train` out_dir (default: pretrain one now)")
+    ap.add_argument("--init_from", default=None, help="a `npgpt train` out_dir (default: pretrain one now)")
     ap.add_argument("--pretrain_iters", type=int, default=300)
     ap.add_argument("--n_layer", type=int, default=2)
     ap.add_argument("--n_embd", type=int, default=64)
@@ -79,13 +79,13 @@ def main():
     ap.add_argument("--per_work", type=int, default=20)
     ap.add_argument("--max_iters", type=int, default=100)
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--learning_rate", type=float, default=1e-3)
     ap.add_argument("--splits", default="work,passage")
-    ap.add_argument("--lora", action="store_true", help="also compare full fine-tuning, LoRA and last-block only")
-    ap.add_argument("--lora_r", type=int, default=8)
+    ap.add_argument("--lora_r", type=int, default=0,
+                    help="also compare full fine-tuning, LoRA of this rank and last-block only (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    ckpt = args.checkpoint or pretrain(tempfile.mkdtemp(prefix="npgpt-pretrain-"), args.pretrain_iters,
+    ckpt = args.init_from or pretrain(tempfile.mkdtemp(prefix="npgpt-pretrain-"), args.pretrain_iters,
                                        args.n_layer, args.n_embd, args.block_size)
     print(f"\n{'split':<9}{'init':<12}{'accuracy':>9}{'majority':>10}{'train/test':>12}")
     for split in args.splits.split(","):
@@ -95,7 +95,7 @@ def main():
                   f"{r['n_train']:>7}/{r['n_test']}", flush=True)
         print("  confusion (pretrained; rows true, columns predicted):", r["labels"])
         print("\n".join("    " + " ".join(f"{v:4d}" for v in row) for row in r["confusion"]))
-    if args.lora:
+    if args.lora_r:
         print(f"\nsplit by work, from the checkpoint:\n{'method':<22}{'trainable':>10}{'AdamW+grad MB':>14}"
               f"{'peak MB':>9}{'step ms':>9}{'accuracy':>9}")
         for name, cfg in (("full fine-tuning", {}), ("last block + head", {"trainable_blocks": 1}),

@@ -7,6 +7,7 @@ so a crash mid-save leaves the previous checkpoint intact.
 """
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
+__all__ = ["save_checkpoint", "copy_checkpoint", "load_checkpoint", "CheckpointError"]
 
 _SEP = "/"
 
@@ -53,12 +54,24 @@ def save_checkpoint(path, obj):
     arrays = {}
     meta = _split(obj, "", arrays)
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    _write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def copy_checkpoint(src, dst):
+    """Copy the checkpoint file ``src`` to ``dst`` atomically (``best.npz`` from a fresh ``ckpt.npz``)."""
+    with open(src, "rb") as f_src:
+        _write_atomically(dst, lambda f: shutil.copyfileobj(f_src, f, 1 << 20))
+
+
+def _write_atomically(path, write):
+    """``write(f)`` into a temporary file beside ``path``, fsync, rename it over ``path``, fsync the
+    directory: a crash leaves either the old file or the new one, never a partial one."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,7 +12,10 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["load_meta", "load_split", "get_batch", "DeviceBatches", "bundled_corpus_path", "ensure_prepared"]
+__all__ = ["load_meta", "load_split", "get_batch", "DeviceBatches", "fits_on_device", "device_bytes",
+           "bundled_corpus_path", "ensure_prepared"]
+
+DEVICE_FRACTION = 0.5   # a split goes to the GPU only when it takes at most this share of free memory
 
 
 def bundled_corpus_path():
@@ -25,7 +28,7 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: prepare the data first "
-                                f"(npgpt prepare --input FILE --out {data_dir})")
+                                f"(npgpt prepare --input FILE --out_dir {data_dir})")
     with open(path) as f:
         return json.load(f)
 
@@ -56,8 +59,8 @@ class DeviceBatches:
     """Random batches drawn on the GPU from a split copied to GPU memory once, so a training step
     makes no host-to-device copy. ``DeviceBatches(data, B, T, seed)()`` -> x, y (B, T) int64 on the
     active backend, like ``get_batch``, with the offsets drawn by the backend's Generator.
-    (A split is held as int32: 4 bytes a token, so a 1B-token corpus would not fit; use
-    ``get_batch`` from the host for corpora that large.)"""
+    (A split is held as int32: ``device_bytes`` = 4 bytes a token, so a 1B-token corpus would not
+    fit; ``npgpt train`` then draws batches on the host with ``get_batch``: see ``fits_on_device``.)"""
 
     def __init__(self, data, batch_size, block_size, seed):
         xp = backend.xp
@@ -73,6 +76,18 @@ class DeviceBatches:
         ix = (self.rng.random(self.batch_size) * self.n).astype(np.int64)   # (B,) uniform starts
         win = self.data[ix[:, None] + self.window].astype(np.int64)         # (B, T+1)
         return win[:, :-1], win[:, 1:]
+
+
+def device_bytes(data):
+    """Bytes ``DeviceBatches`` would take on the GPU for the split ``data`` (int32 ids)."""
+    return 4 * len(data)
+
+
+def fits_on_device(nbytes, free_bytes, fraction=DEVICE_FRACTION):
+    """Whether a split of ``nbytes`` should be copied to the GPU, whose free memory is ``free_bytes``:
+    only when it takes at most ``fraction`` of it, leaving the rest to the model, its activations
+    and the optimizer. E.g. fits_on_device(4e9, 10e9) is True, fits_on_device(6e9, 10e9) False."""
+    return nbytes <= fraction * free_bytes
 
 
 def ensure_prepared(data_dir, inputs=None, tokenizer="char"):

@@ -15,6 +15,20 @@ bits per byte compares models with different tokenizers.
 
 Multiple choice: each choice is scored by the log-likelihood of its tokens given the context,
 summed (``sum``) or averaged over its tokens (``mean``); the highest score is the prediction.
+Both are always reported, as HellaSwag's evaluations do:
+
+    acc       argmax_i  sum_t log p(e_i,t | ctx, e_i,<t)
+    acc_norm  argmax_i  (1 / n_i) sum_t log p(e_i,t | ctx, e_i,<t)     n_i = tokens of ending i
+
+The sum favours short endings (every token adds a negative term); the per-token mean removes that
+bias. (This mean per token is nanoGPT's / llm.c's acc_norm; lm-evaluation-harness divides by the
+ending's characters instead.)
+
+Two JSONL formats are read, told apart row by row: npgpt's ``{"context", "choices", "label"}``
+(choices appended to the context as they are) and HellaSwag's ``{"ctx", "endings", "label"}``,
+where each ending follows the context after one space. Rows of the original HellaSwag files carry
+``ctx`` (= ctx_a + " " + ctx_b); a row with only ``ctx_a``/``ctx_b`` gets
+ctx_a + " " + ctx_b.capitalize(), lm-evaluation-harness's rendering.
 """
 import json
 import math
@@ -27,9 +41,12 @@ from . import backend
 from .engine import no_grad
 
 __all__ = ["strided_windows", "target_logprobs", "perplexity", "evaluate_text", "bits_per_byte",
-           "encode_choice", "score_choices", "multiple_choice", "load_mc", "MC_EXAMPLE"]
+           "encode_choice", "score_choices", "multiple_choice", "load_mc", "mc_item", "hellaswag_item",
+           "resolve_mc", "MC_EXAMPLE", "HELLASWAG_SAMPLE", "BUNDLED_MC"]
 
 MC_EXAMPLE = os.path.join(os.path.dirname(__file__), "data", "mc_example.jsonl")
+HELLASWAG_SAMPLE = os.path.join(os.path.dirname(__file__), "data", "hellaswag_sample.jsonl")
+BUNDLED_MC = {"example": MC_EXAMPLE, "hellaswag_sample": HELLASWAG_SAMPLE}   # names --mc accepts
 IGNORE = -100
 
 
@@ -184,47 +201,110 @@ def score_choices(model, tok, context, choices):
     return [(float(lp[r].sum()), n) for r, (_, _, n) in enumerate(rows)]
 
 
+def resolve_mc(name):
+    """The path of a multiple-choice task: a bundled name (``BUNDLED_MC``) or a file path."""
+    return BUNDLED_MC.get(name, name)
+
+
+def _label(row, n_choices):
+    label = row.get("label")
+    if isinstance(label, str) and label.strip().isdigit():     # the Hugging Face copy stores "3"
+        label = int(label)
+    if label in ("", None):
+        raise ValueError("no label (HellaSwag's test split is unlabeled: evaluate on the val split)")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_choices:
+        raise ValueError(f"label must be an index into the {n_choices} choices, got {label!r}")
+    return label
+
+
+def hellaswag_item(row):
+    """{"context", "choices", "label"} of a HellaSwag row: the context is ``ctx``, or, when a row has
+    none, ctx_a + " " + ctx_b.capitalize(); each ending becomes the choice " " + ending."""
+    ctx = row.get("ctx")
+    if ctx is None:
+        a, b = row.get("ctx_a"), row.get("ctx_b", "")
+        if not isinstance(a, str) or not isinstance(b, str):
+            raise ValueError('a HellaSwag row needs "ctx" (or "ctx_a" and "ctx_b"), strings')
+        ctx = f"{a} {b.capitalize()}" if b.strip() else a
+    endings = row.get("endings")
+    if not isinstance(ctx, str) or not ctx.strip():
+        raise ValueError('"ctx" must be a non-empty string')
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) and e.strip() for e in endings):
+        raise ValueError('"endings" must be a list of at least 2 non-empty strings')
+    return {"context": ctx, "choices": [" " + e for e in endings], "label": _label(row, len(endings))}
+
+
+def mc_item(row):
+    """One multiple-choice item from a JSONL row of either format (HellaSwag's when it has
+    "endings"); ValueError naming what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "endings" in row:
+        return {**hellaswag_item(row), "format": "hellaswag"}
+    if "choices" not in row:
+        raise ValueError('expected {"context": str, "choices": [str, ...], "label": i} or HellaSwag\'s '
+                         '{"ctx": str, "endings": [str, ...], "label": i}')
+    ok = (isinstance(row.get("context"), str) and isinstance(row["choices"], list) and len(row["choices"]) >= 2
+          and all(isinstance(c, str) for c in row["choices"]))
+    if not ok:
+        raise ValueError('expected {"context": str, "choices": [str, str, ...], "label": index into choices}')
+    return {"context": row["context"], "choices": row["choices"], "label": _label(row, len(row["choices"])),
+            "format": "choices"}
+
+
 def load_mc(path):
-    """Items {"context": str, "choices": [str, ...], "label": int} from a JSONL file (one clear error)."""
+    """Multiple-choice items {"context", "choices", "label", "format"} from a JSONL file in npgpt's
+    or HellaSwag's format (``mc_item``); a bad row raises one ValueError naming file and line."""
+    path = resolve_mc(path)
     if not os.path.exists(path):
-        raise ValueError(f"multiple-choice file {path} not found")
+        raise ValueError(f"multiple-choice file {path} not found (bundled tasks: {', '.join(BUNDLED_MC)})")
     items = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                it = json.loads(line)
+                row = json.loads(line)
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            ok = (isinstance(it, dict) and isinstance(it.get("context"), str) and isinstance(it.get("choices"), list)
-                  and len(it["choices"]) >= 2 and all(isinstance(c, str) for c in it["choices"])
-                  and isinstance(it.get("label"), int) and 0 <= it["label"] < len(it["choices"]))
-            if not ok:
-                raise ValueError(f"{path}:{n}: expected {{\"context\": str, \"choices\": [str, str, ...], "
-                                 f"\"label\": index into choices}}, got {line.strip()[:200]}")
-            items.append(it)
+            try:
+                items.append(mc_item(row))
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}; got {line.strip()[:200]}") from None
     if not items:
         raise ValueError(f"{path} holds no items")
     return items
 
 
 def multiple_choice(model, tok, items, normalize="sum", progress=False):
-    """Accuracy on ``items`` (dicts as ``load_mc`` returns) -> dict with ``accuracy``, ``correct``,
-    ``n``, ``predictions`` and per-item ``scores``. normalize: "sum" or "mean" (per token)."""
+    """Accuracy on ``items`` (dicts as ``load_mc`` returns) by both scores: ``acc`` (summed
+    log-likelihood of each choice) and ``acc_norm`` (per token mean), with ``correct_sum`` /
+    ``correct_norm`` and ``n``. ``normalize`` ("sum" or "mean") picks which one ``accuracy``,
+    ``correct``, ``predictions`` and ``scores`` report; ``loglik`` and ``n_tokens`` hold each choice's sum and
+    token count."""
     if normalize not in ("sum", "mean"):
         raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
     it = items
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(items, unit="item", dynamic_ncols=True, desc="multiple choice")
-    preds, scores, correct = [], [], 0
+    loglik, n_tokens, pred_sum, pred_mean = [], [], [], []
     for item in it:
         scored = score_choices(model, tok, item["context"], item["choices"])
-        s = [ll if normalize == "sum" else ll / n for ll, n in scored]
-        p = int(np.argmax(s))
-        preds.append(p)
-        scores.append(s)
-        correct += p == item["label"]
-    return {"accuracy": correct / len(items), "correct": correct, "n": len(items), "normalize": normalize,
-            "predictions": preds, "scores": scores}
+        sums = [ll for ll, _ in scored]
+        means = [ll / n for ll, n in scored]
+        loglik.append(sums)
+        n_tokens.append([n for _, n in scored])
+        pred_sum.append(int(np.argmax(sums)))
+        pred_mean.append(int(np.argmax(means)))
+    labels = [item["label"] for item in items]
+    correct = sum(p == l for p, l in zip(pred_sum, labels))
+    correct_norm = sum(p == l for p, l in zip(pred_mean, labels))
+    n = len(items)
+    by_sum = normalize == "sum"
+    scores = loglik if by_sum else [[ll / k for ll, k in zip(lls, ns)] for lls, ns in zip(loglik, n_tokens)]
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "correct_sum": correct, "correct_norm": correct_norm,
+            "accuracy": (correct if by_sum else correct_norm) / n, "correct": correct if by_sum else correct_norm,
+            "n": n, "normalize": normalize, "predictions": pred_sum if by_sum else pred_mean,
+            "predictions_sum": pred_sum, "predictions_norm": pred_mean, "scores": scores,
+            "loglik": loglik, "n_tokens": n_tokens}

@@ -176,11 +176,13 @@ class GPT(Module):
 
     # generation lives in sampling.py; these make it a method
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-                 eos_token=None, use_cache=True):
+                 eos_token=None, use_cache=True, repetition_penalty=1.0):
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); see ``npgpt.sampling.generate``."""
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_token, use_cache)
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_token, use_cache,
+                        repetition_penalty=repetition_penalty)
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-                        eos_token=None, use_cache=True):
+                        eos_token=None, use_cache=True, repetition_penalty=1.0):
         """Yield the new tokens one step at a time as arrays (B,); see ``npgpt.sampling.generate_stream``."""
-        return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_token, use_cache)
+        return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, seed, eos_token, use_cache,
+                               repetition_penalty=repetition_penalty)

@@ -5,6 +5,9 @@ Knob names are nanoGPT's, so a user's config carries over, and ``train`` reads l
 loop: one comment per phase; the helpers it calls are in ``train_helpers.py``. Resuming restores
 the model, the optimizer moments, the step, and the states of the batch and dropout random
 generators: N steps straight and N/2 steps + resume + N/2 steps give identical losses.
+``init_from=PATH`` starts a new run (fresh optimizer and schedule) from the weights of another run,
+a ``npgpt convert`` checkpoint or a Hugging Face GPT-2 directory. ``ckpt.npz`` holds the latest
+evaluation, ``best.npz`` the best validation loss; ``max_time`` and ``patience`` end a run early.
 """
 import math
 import os
@@ -12,10 +15,10 @@ from dataclasses import dataclass, fields
 
 from .model import GPTConfig
 from .optim import get_lr
-from .train_helpers import (CKPT_NAME, RunLog, batch_source, estimate_loss, init_or_resume, load_data,
+from .train_helpers import (BEST_NAME, CKPT_NAME, RunLog, batch_source, estimate_loss, init_or_resume, load_data,
                             load_model, save_run, train_step, use_backend)
 
-__all__ = ["TrainConfig", "train", "load_model", "estimate_loss", "CKPT_NAME"]
+__all__ = ["TrainConfig", "train", "load_model", "estimate_loss", "CKPT_NAME", "BEST_NAME"]
 
 
 @dataclass
@@ -23,7 +26,8 @@ class TrainConfig:
     """Everything a run needs; defaults train the baby Shakespeare char model on a 2-core CPU."""
     data: str = "data/shakespeare_char"
     out_dir: str = "out-shakespeare-char"
-    init_from: str = "scratch"            # scratch | resume
+    init_from: str = "scratch"            # scratch | resume | PATH (npgpt checkpoint or Hugging Face GPT-2
+                                          # directory: its weights and model shape, a fresh optimizer)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -49,7 +53,9 @@ class TrainConfig:
     eval_interval: int = 500
     eval_iters: int = 50
     log_interval: int = 50
-    always_save_checkpoint: bool = True
+    always_save_checkpoint: bool = True   # ckpt.npz at every evaluation (else only when val improves)
+    max_time: float = 0.0                 # seconds of training, then evaluate, save and stop (0: no limit)
+    patience: int = 0                     # stop after this many evaluations without a new best (0: off)
     seed: int = 1337
     device: str = "cpu"                   # cpu (numpy) | cuda (cupy)
     dtype: str = "float32"                # float32 | float16 (mixed precision: fp32 master weights,
@@ -58,8 +64,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.init_from not in ("scratch", "resume"):
-            raise ValueError(f"init_from must be 'scratch' or 'resume', got {self.init_from!r}")
+        if self.init_from not in ("scratch", "resume") and not os.path.exists(self.init_from):
+            raise ValueError(f"init_from must be 'scratch', 'resume' or the path of an npgpt checkpoint or a Hugging "
+                             f"Face GPT-2 directory; {self.init_from!r} does not exist")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.dtype not in ("float32", "float16", "float64"):
@@ -69,6 +76,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_iters < 0 or self.learning_rate <= 0:
             raise ValueError("max_iters must be >= 0 and learning_rate > 0")
+        if not self.max_time >= 0:
+            raise ValueError(f"max_time must be >= 0 seconds (0 = no limit), got {self.max_time}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0 evaluations without improvement (0 = off), got {self.patience}")
 
     def model_config(self, vocab_size):
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
@@ -81,16 +92,17 @@ class TrainConfig:
 
 
 def train(cfg, log=print):
-    """Train (or resume) as configured; returns {"iter", "train_loss", "val_loss", "losses", "seconds"}."""
+    """Train (or resume) as configured; returns {"iter", "train_loss", "val_loss", "best_val_loss",
+    "losses", "seconds", "stopped"} ("stopped": None after max_iters, else "max_time" or "patience")."""
     # the backend, the data and the output directory
     use_backend(cfg)
     meta, splits = load_data(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    # the model and its optimizer: new, or resumed with the step, best val loss and random streams
-    model, opt, start_iter, best_val, batch_rng = init_or_resume(cfg, meta, log)
+    # the model and its optimizer: new, from weights, or resumed with the step, best val loss and random streams
+    model, opt, start_iter, best_val, evals_since_best, batch_rng = init_or_resume(cfg, meta, log)
     run_log = RunLog(cfg, start_iter, log, model)
-    next_batch = batch_source(splits["train"], cfg, start_iter, batch_rng)
-    losses, iter_num = {}, start_iter
+    next_batch = batch_source(splits["train"], cfg, start_iter, batch_rng, log)
+    losses, iter_num, stopped, lr = {}, start_iter, None, None
     model.train()
     try:
         while True:
@@ -98,16 +110,23 @@ def train(cfg, log=print):
             lr = get_lr(iter_num, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) \
                 if cfg.decay_lr else cfg.learning_rate
             opt.set_lr(lr)
-            # evaluate the loss on train/val sets and write checkpoints (none at the step resumed from)
-            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            # evaluate the loss on train/val sets and write checkpoints: ckpt.npz the latest, best.npz the
+            # best val loss (none at the step resumed from, which the checkpoint already holds and counted)
+            if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or stopped:
                 losses = estimate_loss(model, splits, cfg, cfg.seed + 1)
                 run_log.evaluation(iter_num, losses)
-                if losses["val"] < best_val or cfg.always_save_checkpoint:
-                    best_val = min(best_val, losses["val"])
-                    if iter_num > start_iter or iter_num == cfg.max_iters:
-                        save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng)
+                improved = losses["val"] < best_val
+                best_val = min(best_val, losses["val"])
+                if iter_num > start_iter or cfg.init_from != "resume":
+                    evals_since_best = 0 if improved else evals_since_best + 1
+                if (improved or cfg.always_save_checkpoint) and (iter_num > start_iter or iter_num == cfg.max_iters):
+                    save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng, improved, evals_since_best)
+                if cfg.patience and evals_since_best >= cfg.patience and not stopped:
+                    stopped = "patience"
+                    log(f"early stopping: val loss has not improved for {evals_since_best} evaluations "
+                        f"(best {best_val:.4f}; {os.path.join(cfg.out_dir, BEST_NAME)})")
             # termination condition
-            if iter_num >= cfg.max_iters:
+            if iter_num >= cfg.max_iters or stopped:
                 break
             # forward, backward and update, with gradient accumulation; the step clips to grad_clip
             # and skips (fp16) steps with inf/nan gradients
@@ -115,9 +134,15 @@ def train(cfg, log=print):
             iter_num += 1
             # timing and logging
             run_log.step(iter_num, loss, lr, opt)
+            # the time budget: evaluate and save at this iteration, then stop
+            if cfg.max_time and run_log.seconds() >= cfg.max_time and iter_num < cfg.max_iters:
+                stopped = "max_time"
+                run_log.finish(iter_num, lr, opt)
+                log(f"stopping at iteration {iter_num}: the time budget of {cfg.max_time:g} s is spent")
+        run_log.finish(iter_num, lr, opt)
     finally:
         run_log.close()
     if not math.isfinite(run_log.history[-1] if run_log.history else 0.0):
         log("warning: the loss is not finite; lower learning_rate")
     return {"iter": iter_num, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
-            "losses": run_log.history, "seconds": run_log.seconds()}
+            "best_val_loss": best_val, "losses": run_log.history, "seconds": run_log.seconds(), "stopped": stopped}

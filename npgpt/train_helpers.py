@@ -1,5 +1,6 @@
 """The pieces of ``npgpt train``'s loop (``train.py``), in the order the loop uses them: the backend
 and the data, init-or-resume, batches, the optimizer and its step, evaluation, checkpoints, the log.
+How every command reads a model is ``loading.load_model``.
 
 ``make_optimizer`` and ``train_step`` are also fine-tuning's (``npgpt.finetune``): every run builds
 the same flat AdamW (decay on matrices only, clipping inside the step, optional fp16 mixed
@@ -13,17 +14,22 @@ from dataclasses import asdict
 import numpy as np
 
 from . import backend
-from .checkpoint import save_checkpoint, load_checkpoint
-from .data import load_split, get_batch, ensure_prepared, DeviceBatches
+from .checkpoint import save_checkpoint, copy_checkpoint, load_checkpoint, CheckpointError
+from .data import load_split, get_batch, ensure_prepared, DeviceBatches, fits_on_device, device_bytes
 from .engine import no_grad
+from .lora import named_modules
 from .model import GPT, GPTConfig
+from .nn import LayerNorm
 from .optim import FlatAdamW, decay_groups
 from .costs import peak_flops
+from .loading import CKPT_NAME, is_hf_dir, load_model, merged_state
 
-__all__ = ["CKPT_NAME", "make_optimizer", "train_step", "use_backend", "load_data", "init_or_resume",
-           "batch_source", "estimate_loss", "save_run", "RunLog", "load_model"]
+__all__ = ["CKPT_NAME", "BEST_NAME", "make_optimizer", "train_step", "use_backend", "load_data", "init_or_resume",
+           "init_from_weights", "check_vocab", "batch_source", "estimate_loss", "save_run", "RunLog", "load_model",
+           "merged_state", "is_hf_dir"]
 
-CKPT_NAME = "ckpt.npz"
+BEST_NAME = "best.npz"      # the checkpoint of the best validation loss so far
+RESUME_KEYS = ("optimizer", "iter_num", "batch_rng")   # what a checkpoint needs beyond weights to resume
 
 
 # ---- the optimizer and its step (pretraining and fine-tuning) ---------------------------------------
@@ -65,7 +71,7 @@ def load_data(cfg):
     Shakespeare) is prepared on first use."""
     default = type(cfg).data
     if cfg.data != default and not os.path.exists(os.path.join(cfg.data, "meta.json")):
-        raise FileNotFoundError(f"{cfg.data} holds no prepared data: run npgpt prepare --out {cfg.data} "
+        raise FileNotFoundError(f"{cfg.data} holds no prepared data: run npgpt prepare --out_dir {cfg.data} "
                                 f"[--input FILES] [--tokenizer char|gpt2] first (only the default "
                                 f"{default} is prepared automatically)")
     meta = ensure_prepared(cfg.data)
@@ -78,42 +84,108 @@ def _make_training_optimizer(model, cfg):
 
 
 def init_or_resume(cfg, meta, log):
-    """(model, optimizer, iter_num, best_val_loss, batch_rng): a new model, or the checkpoint in
-    ``cfg.out_dir`` with its optimizer moments, step and random-generator states (so the resumed run
-    continues bit for bit)."""
+    """(model, optimizer, iter_num, best_val_loss, evals_since_best, batch_rng): a new model
+    (``init_from="scratch"``), the weights of another run or of a Hugging Face GPT-2 with a fresh
+    optimizer (``init_from=PATH``: ``init_from_weights``), or the checkpoint in ``cfg.out_dir`` with
+    its optimizer moments, step and random-generator states (``"resume"``: the resumed run continues
+    bit for bit)."""
     batch_rng = np.random.default_rng(cfg.seed)
     backend.seed(cfg.seed)
-    iter_num, best_val = 0, float("inf")
+    iter_num, best_val, evals_since_best = 0, float("inf"), 0
     if cfg.init_from == "resume":
         ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
         ckpt = load_checkpoint(ckpt_path)
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{ckpt_path} holds weights only (no {', '.join(missing)}), so there is no run "
+                                  f"to resume; start a new run from its weights: npgpt train "
+                                  f"--init_from={cfg.out_dir} --out_dir=NEW_DIR")
         model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         opt = _make_training_optimizer(model, cfg)
         opt.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        iter_num, best_val = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
+        evals_since_best = ckpt.get("evals_since_best", 0)
         batch_rng.bit_generator.state = ckpt["batch_rng"]
         if ckpt.get("backend_rng") and backend.name == "numpy":
             backend.rng().bit_generator.state = ckpt["backend_rng"]
         else:
             backend.seed(cfg.seed + iter_num)
         log(f"resuming from {ckpt_path} at iteration {iter_num}")
-    else:
+    elif cfg.init_from == "scratch":
         model = GPT(cfg.model_config(meta["vocab_size"]))
+        opt = _make_training_optimizer(model, cfg)
+    else:
+        model = init_from_weights(cfg, meta, log)
         opt = _make_training_optimizer(model, cfg)
     if cfg.dtype == "float16" and backend.name == "numpy":
         log("note: float16 on the CPU is nearly 100x slower than float32 (NumPy has no fp16 BLAS); it is there to "
             "check mixed precision without a GPU. Train on the CPU with dtype=float32.")
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
         f"backend {backend.name}, {cfg.dtype}")
-    return model, opt, iter_num, best_val, batch_rng
+    return model, opt, iter_num, best_val, evals_since_best, batch_rng
 
 
-def batch_source(train_data, cfg, iter_num, batch_rng):
+def init_from_weights(cfg, meta, log):
+    """A GPT (train mode) holding the weights at ``cfg.init_from`` (anything ``load_model`` reads),
+    shaped for this run: the checkpoint fixes n_layer, n_head, n_embd, vocab_size, bias and pos;
+    ``cfg.block_size`` below the checkpoint's crops the learned position table to its first rows
+    (nanoGPT's ``crop_block_size``), above it is refused for learned positions (sinusoidal ones have
+    no parameters and simply extend); ``cfg.dropout`` is set anew. The data's tokenizer must be the
+    checkpoint's (``check_vocab``)."""
+    source, ckpt = load_model(cfg.init_from)
+    conf = source.config.to_dict()
+    check_vocab(meta, ckpt.get("meta"), conf["vocab_size"], cfg.data, cfg.init_from)
+    if cfg.block_size > conf["block_size"] and conf["pos"] == "learned":
+        raise ValueError(f"--block_size={cfg.block_size} exceeds the {conf['block_size']} positions {cfg.init_from} "
+                         f"learned; use --block_size={conf['block_size']} or less (a smaller one crops the table)")
+    state = source.state_dict()
+    if conf["pos"] == "learned" and cfg.block_size < conf["block_size"]:
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.block_size]   # (T, C): crop
+        log(f"cropping the position table from {conf['block_size']} to block_size {cfg.block_size}")
+    conf.update(block_size=cfg.block_size, dropout=cfg.dropout)
+    model = GPT(GPTConfig.from_dict(conf))
+    model.load_state_dict(state)
+    for (_, theirs), (_, ours) in zip(named_modules(source), named_modules(model)):
+        if isinstance(theirs, LayerNorm):
+            ours.eps = theirs.eps            # a Hugging Face model may use another layer_norm_epsilon
+    del source, state
+    log(f"initialized from {cfg.init_from} (n_layer={conf['n_layer']}, n_head={conf['n_head']}, "
+        f"n_embd={conf['n_embd']}, vocab {conf['vocab_size']}; fresh optimizer and schedule)")
+    return model.train()
+
+
+def check_vocab(data_meta, model_meta, vocab_size, data_dir, source):
+    """Raise one ValueError unless the data in ``data_dir`` (``data_meta``) was tokenized the way the
+    model at ``source`` (``model_meta``, None when unknown; ``vocab_size`` rows of embeddings) was."""
+    have = data_meta.get("tokenizer", "char")
+    want = (model_meta or {}).get("tokenizer")
+    if want is not None and want != have:
+        fix = "npgpt prepare --tokenizer gpt2" if want == "gpt2" else \
+            ("npgpt prepare (character level) on text of the same alphabet" if want == "char"
+             else f"npgpt prepare --tokenizer {want}")
+        raise ValueError(f"{source} was trained on {want!r} tokens but {data_dir} holds {have!r} tokens, so the "
+                         f"ids would mean other tokens; prepare the data with {fix} --input FILES --out_dir DIR "
+                         f"and train with --data DIR")
+    if want == "char" and have == "char" and model_meta.get("chars") != data_meta.get("chars"):
+        raise ValueError(f"{source} and {data_dir} have different character sets, so the ids would mean other "
+                         f"characters; prepare the data from text with {source}'s alphabet")
+    if data_meta.get("vocab_size", 0) > vocab_size:
+        raise ValueError(f"{data_dir} has a vocabulary of {data_meta['vocab_size']} tokens but {source} embeds only "
+                         f"{vocab_size}; prepare the data with the checkpoint's tokenizer")
+
+
+def batch_source(train_data, cfg, iter_num, batch_rng, log=print):
     """``next_batch() -> x, y`` (B, T). On CuPy the split lives on the GPU and batches are drawn there
-    (seeded with seed + iter_num); on NumPy the host draws them with ``batch_rng`` (checkpointed)."""
+    (seeded with seed + iter_num), unless it would take more than its share of free GPU memory
+    (``data.fits_on_device``): then, as on NumPy, the host draws them from the memory-mapped split
+    with ``batch_rng`` (checkpointed) and each batch is copied over."""
     if backend.name == "cupy":
-        return DeviceBatches(train_data, cfg.batch_size, cfg.block_size, cfg.seed + iter_num)
+        nbytes, free = device_bytes(train_data), backend.xp.cuda.Device().mem_info[0]
+        if fits_on_device(nbytes, free):
+            return DeviceBatches(train_data, cfg.batch_size, cfg.block_size, cfg.seed + iter_num)
+        log(f"the training split ({nbytes / 2**30:.1f} GiB as int32) would not fit in GPU memory "
+            f"({free / 2**30:.1f} GiB free): drawing batches on the host and copying each one")
     return lambda: get_batch(train_data, cfg.batch_size, cfg.block_size, batch_rng)
 
 
@@ -141,22 +213,19 @@ def _rng_state(gen):
     return state if isinstance(state, dict) else None
 
 
-def save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng):
+def save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng, best=False, evals_since_best=0):
     """Write ``out_dir/ckpt.npz`` atomically: the (float32 master) weights, the optimizer, the step,
-    the losses and the random-generator states."""
-    save_checkpoint(os.path.join(cfg.out_dir, CKPT_NAME), {
+    the losses, the early-stopping count and the random-generator states; with ``best`` (the
+    validation loss improved) copy it to ``out_dir/best.npz`` too, so either one resumes."""
+    path = os.path.join(cfg.out_dir, CKPT_NAME)
+    save_checkpoint(path, {
         "model": opt.master_state_dict(model), "optimizer": opt.state_dict(),
         "model_config": model.config.to_dict(), "train_config": asdict(cfg), "meta": meta,
         "iter_num": iter_num, "best_val_loss": best_val, "val_loss": losses.get("val"),
+        "evals_since_best": evals_since_best,
         "batch_rng": _rng_state(batch_rng), "backend_rng": _rng_state(backend.rng())})
-
-
-def load_model(out_dir):
-    """(model, checkpoint dict) from ``out_dir/ckpt.npz``, in eval mode on the active backend."""
-    ckpt = load_checkpoint(os.path.join(out_dir, CKPT_NAME))
-    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    if best:
+        copy_checkpoint(path, os.path.join(cfg.out_dir, BEST_NAME))
 
 
 # ---- the log --------------------------------------------------------------------------------------
@@ -166,7 +235,8 @@ class RunLog:
     "val_loss", "time"}, and one per log line, {"iter", "loss", "lr", "tokens_per_s", "grad_norm"}
     plus "mfu" when ``model`` is given and "loss_scale" and "skipped_steps" under fp16), the tqdm bar,
     and ``history``, the loss of every step. Step losses stay on the device until the next log line
-    reads them all at once.
+    reads them all at once. Without the bar (``progress=False``) each log record is also printed as
+    nanoGPT prints it: ``iter 100: loss 2.1234, time 52.1ms, tok/s 14,700, mfu 23.1%``.
 
     MFU as nanoGPT's: model FLOPs per token (6N + 12LHQT, ``GPT.estimate_flops_per_token``) times
     tokens/s over the machine's peak (``profiler.peak_flops``: a float32 GEMM measured once per
@@ -201,17 +271,24 @@ class RunLog:
     def step(self, iter_num, loss, lr, opt):
         """Record the step that brought the run to ``iter_num``; every ``log_interval`` steps (and at
         the last) read the pending losses and write a log record."""
-        cfg = self.cfg
         self.pending.append(loss.data)
         if self.bar:
             self.bar.update(1)
-        if iter_num % cfg.log_interval != 0 and iter_num < cfg.max_iters:
-            return
+        if iter_num % self.cfg.log_interval == 0 or iter_num >= self.cfg.max_iters:
+            self._log_line(iter_num, lr, opt)
+
+    def finish(self, iter_num, lr, opt):
+        """Write the log record of steps not yet logged (a run stopped early by max_time or patience)."""
+        if self.pending:
+            self._log_line(iter_num, lr, opt)
+
+    def _log_line(self, iter_num, lr, opt):
         self.history.extend(float(v) for v in backend.to_numpy(backend.xp.stack(self.pending)))
         loss_now = self.history[-1]
         elapsed = time.time() - self.t_last
         self.t_last = time.time()
-        tokens_per_s = self.tokens_per_iter * len(self.pending) / max(elapsed, 1e-9)   # since the last line
+        steps = len(self.pending)
+        tokens_per_s = self.tokens_per_iter * steps / max(elapsed, 1e-9)   # since the last line
         self.pending.clear()
         record = {"iter": iter_num, "loss": loss_now, "lr": lr, "tokens_per_s": tokens_per_s,
                   "grad_norm": float(opt.grad_norm)}
@@ -225,6 +302,12 @@ class RunLog:
             if "mfu" in record:
                 postfix["mfu"] = f"{100 * record['mfu']:.2f}%"
             self.bar.set_postfix(postfix)
+        else:     # nanoGPT's line: iter 100: loss 2.1234, time 52.1ms, tok/s 14,700, mfu 23.1%
+            line = (f"iter {iter_num}: loss {loss_now:.4f}, time {1e3 * elapsed / steps:.1f}ms, "
+                    f"tok/s {tokens_per_s:,.0f}")
+            if "mfu" in record:
+                line += f", mfu {100 * record['mfu']:.1f}%"
+            self.log(line)
 
     def seconds(self):
         """Seconds since the loop started."""

@@ -1,6 +1,7 @@
 """Evaluation: strided perplexity (known answers, window coverage), bits per byte, multiple choice, ``npgpt eval``."""
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -205,3 +206,136 @@ def test_cli_eval_missing_checkpoint(tmp_path, capsys):
     rc = main(["eval", "--hf", str(tmp_path / "none"), "--text", str(tmp_path / "t.txt")])
     err = capsys.readouterr().err
     assert rc == 2 and "not a directory" in err
+
+
+# ---- HellaSwag format: acc and acc_norm -------------------------------------------------------------
+
+def hand_ending_logprobs(model, tok, ctx, ending):
+    """Log-probabilities of the ending's tokens, from the model's logits and a float64 NumPy
+    log-softmax: the ending follows the context after one space, as HellaSwag is scored."""
+    ids = tok.encode(ctx + " " + ending)
+    n = len(" " + ending)                                        # char tokens of the ending
+    logits = model(np.asarray(ids[:-1])[None])[0].data[0].astype(np.float64)     # (T, V)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    rows = np.arange(len(ids) - n - 1, len(ids) - 1)            # the positions that predict the ending
+    return logp[rows, np.asarray(ids)[rows + 1]]
+
+
+def test_hellaswag_scores_match_a_hand_computation(tmp_path):
+    m = char_model(block_size=64, seed=5)
+    tok = CharTokenizer(CHARS)
+    rows = [{"ctx": "A man sits on a roof. he", "endings": ["is fixing it.", "sings", "eats a very big cake."],
+             "label": 0},
+            {"ctx_a": "She opens the door.", "ctx_b": "then she", "endings": ["walks in.", "flies."], "label": "1"}]
+    path = tmp_path / "hs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    items = ev.load_mc(str(path))
+    assert items[1]["context"] == "She opens the door. Then she"                # ctx_a + " " + ctx_b.capitalize()
+    r = ev.multiple_choice(m, tok, items)
+    for item, row, loglik, n_tokens, p_sum, p_norm in zip(items, rows, r["loglik"], r["n_tokens"],
+                                                          r["predictions_sum"], r["predictions_norm"]):
+        hand = [hand_ending_logprobs(m, tok, item["context"], e) for e in row["endings"]]
+        np.testing.assert_allclose(loglik, [h.sum() for h in hand], rtol=1e-5)
+        assert n_tokens == [len(h) for h in hand] == [len(e) + 1 for e in row["endings"]]
+        assert p_sum == int(np.argmax([h.sum() for h in hand]))
+        assert p_norm == int(np.argmax([h.mean() for h in hand]))
+    assert r["acc"] == np.mean([p == it["label"] for p, it in zip(r["predictions_sum"], items)])
+    assert r["acc_norm"] == np.mean([p == it["label"] for p, it in zip(r["predictions_norm"], items)])
+
+
+class BigramModel:
+    """A stand-in language model with known probabilities: logits[b, t] = log P[x[b, t]], row by row
+    a next-character distribution, so every score below is a hand computation."""
+
+    def __init__(self, probs, block_size=64):
+        self.logits = np.log(probs).astype(np.float32)                    # (V, V)
+        self.config = GPTConfig(vocab_size=len(probs), block_size=block_size)
+        self.training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def __call__(self, x):
+        return types.SimpleNamespace(data=self.logits[np.asarray(x)]), None    # (B, T, V)
+
+
+def test_acc_and_acc_norm_differ_when_lengths_differ():
+    # after the context "x": p(" ") = 0.9; after " ": p("a") = 0.5, p("b") = 0.2; after "a": p("a") = 0.5
+    tok = CharTokenizer(CHARS)
+    V = len(CHARS)
+    P = np.full((V, V), 1.0 / V)
+    for cur, nxt in [("x", {" ": 0.9}), (" ", {"a": 0.5, "b": 0.2}), ("a", {"a": 0.5})]:
+        row = np.full(V, (1 - sum(nxt.values())) / (V - len(nxt)))
+        for ch, p in nxt.items():
+            row[CHARS.index(ch)] = p
+        P[CHARS.index(cur)] = row
+    items = [ev.hellaswag_item({"ctx": "x", "endings": ["b", "a" * 8], "label": 1})]
+    r = ev.multiple_choice(BigramModel(P), tok, items)
+    short, long = math.log(0.9) + math.log(0.2), math.log(0.9) + 8 * math.log(0.5)
+    np.testing.assert_allclose(r["loglik"][0], [short, long], rtol=1e-6)
+    assert r["n_tokens"] == [[2, 9]]
+    assert short > long and short / 2 < long / 9              # the sum prefers "b", the mean "aaaaaaaa"
+    assert r["predictions_sum"] == [0] and r["predictions_norm"] == [1]
+    assert (r["acc"], r["acc_norm"]) == (0.0, 1.0)
+    assert ev.multiple_choice(BigramModel(P), tok, items, "mean")["accuracy"] == 1.0
+
+
+def test_format_detection_row_by_row(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"context": "To be", "choices": [", or", "x"], "label": 0}) + "\n\n" +
+                    json.dumps({"ctx": "To be, or", "endings": ["not", "yes"], "label": 0, "ind": 7}) + "\n" +
+                    json.dumps({"ctx_a": "To be.", "ctx_b": "", "endings": ["Or", "And"], "label": 1}) + "\n")
+    a, b, c = ev.load_mc(str(path))
+    assert a == {"context": "To be", "choices": [", or", "x"], "label": 0, "format": "choices"}
+    assert b == {"context": "To be, or", "choices": [" not", " yes"], "label": 0, "format": "hellaswag"}
+    assert c["context"] == "To be." and c["label"] == 1                      # empty ctx_b: ctx_a alone
+    assert ev.resolve_mc("hellaswag_sample") == ev.HELLASWAG_SAMPLE and ev.resolve_mc("x.jsonl") == "x.jsonl"
+
+
+@pytest.mark.parametrize("row,msg", [
+    ({"ctx": "a", "endings": ["b", "c"], "label": 2}, "label must be an index"),
+    ({"ctx": "a", "endings": ["b", "c"], "label": ""}, "unlabeled"),
+    ({"ctx": "a", "endings": ["b", "c"]}, "no label"),
+    ({"ctx": "a", "endings": ["b"], "label": 0}, "at least 2"),
+    ({"ctx": "a", "endings": "b c", "label": 0}, "at least 2"),
+    ({"ctx": "a", "endings": ["b", ""], "label": 0}, "non-empty"),
+    ({"endings": ["b", "c"], "label": 0}, '"ctx"'),
+    ({"ctx": "", "endings": ["b", "c"], "label": 0}, '"ctx"'),
+    ({"ctx": "a", "endings": ["b", "c"], "label": True}, "label must be"),
+    ({"question": "a", "answers": ["b", "c"], "label": 0}, "HellaSwag"),
+    (["a", "b"], "JSON object"),
+])
+def test_malformed_rows_name_file_line_and_problem(tmp_path, row, msg):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"ctx": "ok", "endings": ["x", "y"], "label": 0}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:2") as e:
+        ev.load_mc(str(path))
+    assert msg in str(e.value)
+
+
+def test_bundled_hellaswag_sample():
+    items = ev.load_mc("hellaswag_sample")
+    rows = [json.loads(line) for line in open(ev.HELLASWAG_SAMPLE, encoding="utf-8")]
+    assert 8 <= len(items) == len(rows) and all(it["format"] == "hellaswag" for it in items)
+    assert {"ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings", "label"} <= set(rows[0])
+    assert all(r["ctx"] == r["ctx_a"] + " " + r["ctx_b"] for r in rows)     # as in the original files
+    assert len({it["label"] for it in items}) == 4                         # every slot holds some answers
+    tok = CharTokenizer(CHARS)                                              # a char model can read it
+    for it in items:
+        tok.encode(it["context"] + "".join(it["choices"]))
+
+
+def test_cli_eval_hellaswag_sample(ckpt_dir, capsys):
+    rc = main(["eval", "--out_dir", str(ckpt_dir / "out"), "--mc", "hellaswag_sample", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mc"]
+    assert res["n"] == 10 and res["accuracy"] == res["acc"]
+    assert res["acc"] == res["correct_sum"] / 10 and res["acc_norm"] == res["correct_norm"] / 10
+    rc = main(["eval", "--out_dir", str(ckpt_dir / "out"), "--mc", "hellaswag_sample", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "10 items, acc " in out and "acc_norm" in out

@@ -193,7 +193,7 @@ def test_sampling_filters(xp):
     assert abs((s == 2).mean() - 0.15 / 0.95) < 0.03
     s = to_numpy(sample_from_logits(logits, 1.0, rng=rng))
     np.testing.assert_allclose(np.bincount(s, minlength=4) / len(s), probs[0], atol=0.03)
-    for bad in [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0)]:
+    for bad in [dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0)]:
         with pytest.raises(ValueError):
             sample_from_logits(logits, **{"temperature": 1.0, **bad})
 

@@ -8,7 +8,7 @@ HELP = """Draw the attention weights of a trained checkpoint over a short text: 
 and head (columns), queries down and keys across, the tokens as tick labels. Needs matplotlib
 (pip install -e ".[plot]"). The text must fit in the model's context (block_size tokens).
   npgpt attention                                     (the default checkpoint and text)
-  npgpt attention --out_dir out-shakespeare-char --text "JULIET: O Romeo, Romeo!" --png juliet.png"""
+  npgpt attention --out_dir out-shakespeare-char --text "JULIET: O Romeo, Romeo!" --out juliet.png"""
 
 
 def register(sub):
@@ -17,7 +17,7 @@ def register(sub):
     p.add_argument("--out_dir", default="out-shakespeare-char", help="directory holding ckpt.npz")
     p.add_argument("--text", default=DEFAULT_TEXT,
                    help="the text to look at (default: a line of Romeo's); FILE:path reads it from a file")
-    p.add_argument("--png", metavar="PATH", default=None, help="where to write the picture (default OUT_DIR/attention.png)")
+    p.add_argument("--out", "--png", dest="png", metavar="PATH", default=None, help="where to write the picture (default OUT_DIR/attention.png)")
     p.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (default 110)")
     p.set_defaults(func=run_attention)
 

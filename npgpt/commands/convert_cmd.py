@@ -3,8 +3,8 @@ import os
 import sys
 
 HELP = """Convert between npgpt checkpoints and Hugging Face GPT-2 checkpoint directories:
-  npgpt convert --from-ckpt out-shakespeare-char --to-hf shakespeare-hf
-  npgpt convert --from-hf gpt2 --to-ckpt out-gpt2       (then: npgpt sample --out_dir out-gpt2)
+  npgpt convert --from_ckpt out-shakespeare-char --to_hf shakespeare-hf
+  npgpt convert --from_hf gpt2 --to_ckpt out-gpt2       (then: npgpt sample --out_dir out-gpt2)
 An HF directory holds config.json + model.safetensors and loads with
 transformers.GPT2LMHeadModel.from_pretrained. Models with bias=False or pos=sinusoidal have no
 GPT-2 equivalent and cannot be exported."""
@@ -15,11 +15,11 @@ def register(sub):
     p = sub.add_parser("convert", help="convert npgpt checkpoints to/from Hugging Face GPT-2 (safetensors)",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-ckpt", metavar="OUT_DIR", help="npgpt checkpoint directory holding ckpt.npz")
-    src.add_argument("--from-hf", metavar="DIR", help="Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    src.add_argument("--from_ckpt", metavar="OUT_DIR", help="npgpt checkpoint directory holding ckpt.npz")
+    src.add_argument("--from_hf", metavar="DIR", help="Hugging Face GPT-2 directory (config.json + model.safetensors)")
     dst = p.add_mutually_exclusive_group(required=True)
-    dst.add_argument("--to-hf", metavar="DIR", help="write a Hugging Face GPT-2 directory")
-    dst.add_argument("--to-ckpt", metavar="OUT_DIR", help="write OUT_DIR/ckpt.npz (loadable by npgpt sample/eval)")
+    dst.add_argument("--to_hf", metavar="DIR", help="write a Hugging Face GPT-2 directory")
+    dst.add_argument("--to_ckpt", metavar="OUT_DIR", help="write OUT_DIR/ckpt.npz (loadable by npgpt sample/eval)")
     p.set_defaults(func=run_convert)
 
 
@@ -29,7 +29,7 @@ def convert(from_ckpt=None, from_hf=None, to_hf=None, to_ckpt=None):
     from ..hf import from_hf as load_hf, load_hf_meta, save_hf
     from ..train import CKPT_NAME, load_model
     if (from_ckpt is None) == (from_hf is None) or (to_hf is None) == (to_ckpt is None):
-        raise ValueError("give exactly one of --from-ckpt/--from-hf and one of --to-hf/--to-ckpt")
+        raise ValueError("give exactly one of --from_ckpt/--from_hf and one of --to_hf/--to_ckpt")
     if from_ckpt is not None:
         model, ckpt = load_model(from_ckpt)
         meta = ckpt.get("meta") or {"tokenizer": "gpt2", "vocab_size": model.config.vocab_size}

@@ -7,10 +7,15 @@ HELP = """Evaluate a model (an npgpt checkpoint via --out_dir, or a Hugging Face
   npgpt eval --out_dir out-shakespeare-char --text input.txt           perplexity, bits per byte
   npgpt eval --hf gpt2 --text wiki.txt --stride 512 --max_tokens 20000
   npgpt eval --out_dir out-shakespeare-char --mc example                the bundled multiple-choice task
-  npgpt eval --hf gpt2 --mc task.jsonl --mc-normalize mean
+  npgpt eval --hf gpt2 --mc hellaswag_val.jsonl                         HellaSwag: acc and acc_norm
+  npgpt eval --hf gpt2 --mc hellaswag_sample                            its bundled 10-item sample
 Perplexity uses a sliding window of block_size tokens moved by --stride (default block_size/2);
 each token is scored once, with at least block_size - stride tokens of context when the text has them.
-A multiple-choice file is JSONL of {"context": str, "choices": [str, ...], "label": int}."""
+A multiple-choice file is JSONL of {"context": str, "choices": [str, ...], "label": int} (choices are
+appended to the context as written) or HellaSwag's {"ctx": str, "endings": [str, ...], "label": int}
+(ctx_a/ctx_b without ctx: ctx_a + " " + ctx_b.capitalize(); each ending after one space). Both
+scores are reported: acc (summed log-likelihood of a choice's tokens) and acc_norm (per token
+mean); --mc_normalize picks the one "accuracy" and "predictions" follow."""
 
 
 def register(sub):
@@ -25,12 +30,15 @@ def register(sub):
     p.add_argument("--stride", type=int, default=None, help="window stride in tokens (default block_size // 2)")
     p.add_argument("--batch_size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--max_tokens", type=int, default=None, help="score only the first N tokens of --text")
-    p.add_argument("--mc", metavar="FILE", help="multiple-choice JSONL file ('example' for the bundled task)")
-    p.add_argument("--mc-normalize", choices=["sum", "mean"], default="sum",
-                   help="score a choice by the sum or the per-token mean of its log-likelihood")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--mc", metavar="FILE", help="multiple-choice JSONL file, npgpt's or HellaSwag's format "
+                                                 "(bundled: 'example', 'hellaswag_sample')")
+    p.add_argument("--mc_normalize", choices=["sum", "mean"], default="sum",
+                   help="which score 'accuracy' reports: the sum (acc) or per-token mean (acc_norm) of a "
+                        "choice's log-likelihood; both are printed")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to compute: cpu (NumPy) or cuda (CuPy)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
 
 
@@ -50,7 +58,8 @@ def evaluate(args, log=print):
     """Run what ``args`` asks for; returns the results dict. Raises ValueError/CheckpointError."""
     from .. import evaluate as ev
     if not args.text and not args.mc:
-        raise ValueError("nothing to evaluate: give --text FILE and/or --mc FILE (or --mc example)")
+        raise ValueError("nothing to evaluate: give --text FILE and/or --mc FILE (or a bundled task: "
+                         "--mc example, --mc hellaswag_sample)")
     if args.text and not os.path.exists(args.text):
         raise ValueError(f"text file {args.text} not found")
     if args.stride is not None and args.stride < 1:
@@ -59,7 +68,7 @@ def evaluate(args, log=print):
         raise ValueError(f"--max_tokens must be >= 2, got {args.max_tokens}")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-    mc_path = ev.MC_EXAMPLE if args.mc == "example" else args.mc
+    mc_path = ev.resolve_mc(args.mc) if args.mc else None
     items = ev.load_mc(mc_path) if mc_path else None
     model, tok = _load(args)
     bs = model.config.block_size
@@ -78,9 +87,11 @@ def evaluate(args, log=print):
             log(f"  loss {r['loss']:.4f} nats/token, perplexity {r['ppl']:.3f}, bits per byte {r['bpb']:.4f}")
     if items:
         r = ev.multiple_choice(model, tok, items, args.mc_normalize, progress)
-        results["mc"] = {k: r[k] for k in ("accuracy", "correct", "n", "normalize", "predictions")}
+        results["mc"] = {k: r[k] for k in ("accuracy", "correct", "n", "normalize", "predictions", "acc",
+                                           "acc_norm", "correct_sum", "correct_norm")}
         if not args.json:
-            log(f"{mc_path}: accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']}, {r['normalize']} log-likelihood)")
+            log(f"{mc_path}: {r['n']} items, acc {r['acc']:.3f} ({r['correct_sum']}/{r['n']}, summed "
+                f"log-likelihood), acc_norm {r['acc_norm']:.3f} ({r['correct_norm']}/{r['n']}, per token)")
     if args.json:
         log(json.dumps(results))
     return results

@@ -28,15 +28,15 @@ def _common(parser):
     parser.add_argument("--n_layer", type=int, default=4, help="scratch model: layers")
     parser.add_argument("--n_head", type=int, default=4, help="scratch model: heads")
     parser.add_argument("--n_embd", type=int, default=128, help="scratch model: width")
-    parser.add_argument("--max_iters", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--max_iters", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=16, help="examples per step")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate after warmup")
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank (0 = fine-tune the weights themselves)")
-    parser.add_argument("--lora_alpha", type=float, default=16.0)
-    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale numerator: the update is (alpha/r) x A B")
+    parser.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter's input")
     parser.add_argument("--lora_targets", default="attn.c_attn,attn.c_proj",
                         help="comma-separated Linear names to adapt (e.g. attn.c_attn,attn.c_proj,mlp.c_fc)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the batches and a scratch model")
     parser.add_argument("--out_dir", default=None, help="save the fine-tuned model (and LoRA adapters) here")
 
 
@@ -47,10 +47,10 @@ def register(sub):
     classify.add_argument("--data", default=None, help="CSV (header text,label) or JSONL of {text, label}")
     classify.add_argument("--split", choices=["work", "passage"], default="work",
                           help="bundled task: hold out whole works or random passages (user data: random rows)")
-    classify.add_argument("--test_frac", type=float, default=0.2)
+    classify.add_argument("--test_frac", type=float, default=0.2, help="fraction held out for the test set")
     classify.add_argument("--min_tokens", type=int, default=None,
                           help="bundled task: shortest passage (default 100, or half the context when that is shorter)")
-    classify.add_argument("--max_tokens", type=int, default=250)
+    classify.add_argument("--max_tokens", type=int, default=250, help="longest passage in tokens")
     classify.add_argument("--per_work", type=int, default=40, help="bundled task: passages per work at most")
     classify.add_argument("--block_size", type=int, default=None,
                           help="context and max text length (default: the checkpoint's; 256 for scratch)")
@@ -64,12 +64,12 @@ def register(sub):
     instruct.add_argument("--data", default=None,
                           help="Alpaca JSON (list) or JSONL of {instruction, input, output}")
     instruct.add_argument("--n_per_task", type=int, default=200, help="bundled set: examples per task")
-    instruct.add_argument("--test_frac", type=float, default=0.1)
+    instruct.add_argument("--test_frac", type=float, default=0.1, help="fraction held out for the test set")
     instruct.add_argument("--block_size", type=int, default=None,
                           help="context (default: the checkpoint's; 384 for scratch: Alpaca prompts are ~300 "
                                "characters)")
     instruct.add_argument("--max_eval", type=int, default=100, help="held-out examples to score")
-    instruct.add_argument("--max_new_tokens", type=int, default=48)
+    instruct.add_argument("--max_new_tokens", type=int, default=48, help="longest generated response when scoring")
     instruct.set_defaults(func=run_instruct, batch_size=8)
 
 
@@ -108,7 +108,6 @@ def run_classify(args):
 
 
 def _classify(args):
-    from ..checkpoint import save_checkpoint
     from ..finetune import classify as C, datasets as D
     from ..finetune.base import init_model
     from ..lora import save_lora
@@ -149,12 +148,13 @@ def _classify(args):
     print(format_confusion(scores["confusion"], labels))
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        save_checkpoint(os.path.join(args.out_dir, "classifier.npz"), {
-            "model": clf.state_dict(), "model_config": gpt.config.to_dict(), "labels": labels, "meta": meta,
-            "finetune_config": C.config_dict(cfg), "accuracy": scores["accuracy"]})
+        # the weights with LoRA folded in, head, labels, tokenizer meta, max length: all `npgpt classify` reads
+        C.save_classifier(os.path.join(args.out_dir, C.CLASSIFIER_FILE), clf, labels, meta,
+                          C.config_dict(cfg), accuracy=scores["accuracy"])
         if args.lora_r:
             save_lora(gpt, os.path.join(args.out_dir, "adapter.npz"))
-        print(f"saved {args.out_dir}/classifier.npz")
+        print(f"saved {args.out_dir}/{C.CLASSIFIER_FILE} (use it: npgpt classify --out_dir {args.out_dir} "
+              f"--text \"...\")")
     return 0
 
 
@@ -214,7 +214,7 @@ def _instruct(args):
         os.makedirs(args.out_dir, exist_ok=True)
         save_checkpoint(os.path.join(args.out_dir, "ckpt.npz"), {
             "model": gpt.state_dict(), "model_config": gpt.config.to_dict(), "meta": meta,
-            "lora_config": getattr(gpt, "_lora_config", None)})
+            "lora_config": getattr(gpt, "_lora_config", None), I.CHAT_KEY: I.chat_template(tok)})
         if args.lora_r:
             save_lora(gpt, os.path.join(args.out_dir, "adapter.npz"))
         print(f"saved to {args.out_dir}")

@@ -11,8 +11,8 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
     p.add_argument("--op", action="append", default=None, metavar="NAME",
                    help="check only ops whose name contains NAME (repeatable)")
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance of |analytic - numeric|")
+    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance, times |numeric|")
     p.set_defaults(func=run)
 
 
@@ -20,10 +20,7 @@ def run(args):
     from .. import backend
     from ..gradcheck import CHECKS, gradcheck_report
     from .. import opchecks  # noqa: F401  (registers the primitive ops)
-    try:
-        from .. import funcchecks  # noqa: F401  (registers the fused layers, when present)
-    except ImportError:
-        pass
+    from .. import funcchecks  # noqa: F401  (registers the fused layers)
     names = [n for n in CHECKS if not args.op or any(s in n for s in args.op)]
     if not names:
         print(f"npgpt gradcheck: no op matches {args.op}; ops: {', '.join(CHECKS)}", file=sys.stderr)

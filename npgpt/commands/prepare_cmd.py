@@ -8,13 +8,13 @@ def register(sub):
                                         "DIR/val.bin (uint16 ids, uint32 when ids exceed 65,535) and DIR/meta.json. "
                                         "A .txt file is one document, a .jsonl line one document (its 'text' "
                                         "field); BPE tokenizers put <|endoftext|> between documents. The first "
-                                        "90%% of the tokens train, the last 10%% validate (--val-fraction).")
+                                        "90%% of the tokens train, the last 10%% validate (--val_fraction).")
     parser.add_argument("--input", nargs="+", default=None, help="inputs (default: the bundled Shakespeare)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out_dir", "--out", dest="out", required=True, help="output directory (train.bin, val.bin, meta.json)")
     parser.add_argument("--tokenizer", default="char", help="char (default), gpt2, or a saved tokenizer file")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for val.bin (default 0.1)")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of tokens for val.bin (default 0.1)")
     parser.add_argument("--workers", type=int, default=None, help="processes for BPE (default: all cores)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 

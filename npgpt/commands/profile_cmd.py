@@ -79,7 +79,8 @@ def build(args):
                              f"{model_cfg.block_size}")
         model_cfg.dropout = cfg.dropout
         model = GPT(model_cfg)
-        model.load_state_dict(ckpt["model"])
+        from ..loading import merged_state               # LoRA adapters folded in
+        model.load_state_dict(merged_state(ckpt, args.out_dir))
         source = f"checkpoint {os.path.join(args.out_dir, CKPT_NAME)}"
     else:
         vocab, where = _vocab_size(args, cfg)

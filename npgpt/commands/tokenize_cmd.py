@@ -20,7 +20,7 @@ def register(sub):
                             description="Learn a byte-level BPE vocabulary (GPT-2 pre-tokenization by default) "
                                         "and save it as readable JSON (PATH.json) or tiktoken ranks (PATH.tiktoken).")
     parser.add_argument("input", nargs="+", help="text files (.txt/.jsonl), directories or globs")
-    parser.add_argument("--vocab-size", type=int, required=True,
+    parser.add_argument("--vocab_size", type=int, required=True,
                         help="total vocabulary size, specials included (>= 257)")
     parser.add_argument("--out", required=True, help="where to save: PATH.json (readable) or PATH.tiktoken")
     parser.add_argument("--pattern", default="gpt2", help="pre-tokenizer: gpt2 (default), gpt4, none, or a regex")
@@ -78,7 +78,7 @@ def run_train_tokenizer(args):
     try:
         files = list_inputs(args.input)
         if args.vocab_size < 257 + len(specials):
-            raise ValueError(f"--vocab-size must be at least {257 + len(specials)} "
+            raise ValueError(f"--vocab_size must be at least {257 + len(specials)} "
                              f"(256 bytes + {len(specials)} special + 1 merge)")
         tok = BasicTokenizer() if args.pattern == "none" else RegexTokenizer(args.pattern)
         t0 = time.time()

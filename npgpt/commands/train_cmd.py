@@ -7,18 +7,74 @@ HELP_TRAIN = """Train a GPT. With no arguments: a small character-level GPT on t
 (the data is prepared on first use), a progress bar, a checkpoint in out-shakespeare-char/, the
 validation loss and a sample. Every knob is --key=value with nanoGPT's names, e.g.
   npgpt train --n_layer=6 --n_embd=384 --block_size=256 --max_iters=2000
-  npgpt train --data DIR --out_dir DIR --init_from=resume
+  npgpt train --data DIR --out_dir DIR --init_from=resume      (continue OUT_DIR/ckpt.npz exactly)
+  npgpt train --init_from=./gpt2 --data data/shakespeare_gpt2 --block_size=256   (weights of a checkpoint
+        or a local Hugging Face GPT-2 directory; fresh optimizer; the data must use its tokenizer)
+  npgpt train --max_time=600 --patience=5   (stop after 10 minutes or 5 evaluations without a new best)
+OUT_DIR/ckpt.npz is the latest checkpoint, OUT_DIR/best.npz the one with the best val loss.
   npgpt train --config my.toml            (JSON or TOML of the same keys; --key=value overrides it)
-Keys: {keys}"""
+
+The knobs (--key=value or --key value; _ or - in the key), with their type and default:
+{knobs}"""
+
+# every TrainConfig knob: (group, meaning); `npgpt train --help` prints them grouped with type and default
+KNOBS = {
+    "data": ("data", "directory of prepared train.bin/val.bin/meta.json (npgpt prepare)"),
+    "out_dir": ("data", "directory for ckpt.npz, best.npz and log.jsonl"),
+    "init_from": ("data", "scratch | resume | PATH: an npgpt checkpoint or a Hugging Face GPT-2 directory"),
+    "n_layer": ("model", "transformer blocks"),
+    "n_head": ("model", "attention heads per block"),
+    "n_embd": ("model", "width of the residual stream"),
+    "block_size": ("model", "context length in tokens"),
+    "dropout": ("model", "dropout probability (0 = off)"),
+    "bias": ("model", "biases in the linear and layer-norm layers"),
+    "pos": ("model", "position embeddings: learned | sinusoidal"),
+    "batch_size": ("optimizer", "sequences per micro-batch"),
+    "gradient_accumulation_steps": ("optimizer", "micro-batches per optimizer step"),
+    "learning_rate": ("optimizer", "peak learning rate"),
+    "weight_decay": ("optimizer", "AdamW weight decay (matrices only)"),
+    "beta1": ("optimizer", "AdamW first-moment decay"),
+    "beta2": ("optimizer", "AdamW second-moment decay"),
+    "grad_clip": ("optimizer", "clip the global gradient norm to this (0 = off)"),
+    "max_iters": ("schedule", "optimizer steps in all"),
+    "decay_lr": ("schedule", "warmup then cosine decay (false: constant learning_rate)"),
+    "warmup_iters": ("schedule", "linear warmup steps"),
+    "lr_decay_iters": ("schedule", "the cosine reaches min_lr here"),
+    "min_lr": ("schedule", "learning rate after the decay"),
+    "eval_interval": ("schedule", "evaluate (and save) every this many steps"),
+    "eval_iters": ("schedule", "batches per evaluation"),
+    "log_interval": ("schedule", "log a line every this many steps"),
+    "always_save_checkpoint": ("schedule", "write ckpt.npz at every evaluation (false: only when val improves)"),
+    "max_time": ("schedule", "seconds of training, then evaluate, save and stop (0 = no limit)"),
+    "patience": ("schedule", "stop after this many evaluations without a new best (0 = off)"),
+    "seed": ("system", "seed of the batches, the initialization and dropout"),
+    "device": ("system", "cpu (NumPy) | cuda (CuPy)"),
+    "dtype": ("system", "float32 | float16 (mixed precision, fp32 master weights) | float64"),
+    "tf32": ("system", "float32 matmuls on TF32 tensor cores (cuda)"),
+    "progress": ("system", "a progress bar (false: a log line every log_interval)"),
+}
+GROUPS = ("data", "model", "optimizer", "schedule", "system")
+
+
+def knob_help():
+    """The knobs of TrainConfig grouped, one line each: --key TYPE (default) meaning."""
+    from dataclasses import fields
+    from ..train import TrainConfig
+    lines = []
+    for group in GROUPS:
+        lines.append(f"  {group}:")
+        for f in fields(TrainConfig):
+            if KNOBS.get(f.name, ("system",))[0] == group:
+                type_name = getattr(f.type, "__name__", str(f.type))
+                lines.append(f"    --{f.name:<28s} {type_name:<5s} {f.default!r:<24s} {KNOBS.get(f.name, ('', ''))[1]}")
+    return "\n".join(lines)
 
 
 def register(sub):
-    from ..train import TrainConfig
-    keys = " ".join(TrainConfig.field_types())
     train = sub.add_parser("train", help="train a GPT (default: char-level Shakespeare on the CPU)",
-                           description=HELP_TRAIN.format(keys=keys), formatter_class=_Raw)
+                           description=HELP_TRAIN.format(knobs=knob_help()), formatter_class=_Raw)
     train.add_argument("--config", metavar="FILE", help="JSON or TOML file of training keys")
-    train.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
+    train.add_argument("--no_sample", action="store_true", help="do not print a sample at the end")
     train.set_defaults(func=run_train, accepts_overrides=True)
 
     plot = sub.add_parser("plot", help="plot the loss curves of a run to a PNG (needs matplotlib)")
@@ -101,11 +157,13 @@ def run_train(args):
     from ..checkpoint import CheckpointError
     try:
         result = train(cfg)
-    except (FileNotFoundError, BackendError, CheckpointError) as e:
+    except (FileNotFoundError, BackendError, CheckpointError, ValueError) as e:   # ValueError: e.g. vocab mismatch
         print(f"npgpt train: error: {e}", file=sys.stderr)
         return 2
+    best = os.path.join(cfg.out_dir, "best.npz")
     print(f"done: {result['iter']} iterations in {result['seconds']:.0f} s; val loss {result['val_loss']:.4f}; "
-          f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.npz')}")
+          f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.npz')}"
+          + (f", best (val {result['best_val_loss']:.4f}) {best}" if os.path.exists(best) else ""))
     if not args.no_sample:
         print("sample:")
         from .sample_cmd import print_samples

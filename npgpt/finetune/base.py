@@ -3,13 +3,11 @@ checkpoint, or a fresh char-level GPT of the same shape: the "from scratch" cont
 training loop, which builds and steps the optimizer exactly as pretraining does
 (``npgpt.train_helpers.make_optimizer`` and ``train_step``: flat AdamW, decay on matrices only,
 clipping inside the step, optional fp16 mixed precision)."""
-import os
 import time
 
 import numpy as np
 
 from .. import backend
-from ..checkpoint import load_checkpoint
 from ..model import GPT, GPTConfig
 from ..tokenizer import CharTokenizer, load_tokenizer_from_meta
 from ..train_helpers import make_optimizer, train_step
@@ -21,12 +19,14 @@ BETAS = (0.9, 0.99)   # AdamW's betas for fine-tuning (npgpt train's defaults)
 
 
 def load_pretrained(path, block_size=None):
-    """(GPT in train mode, meta) from a ``npgpt train`` out_dir (or its ckpt.npz).
+    """(GPT in train mode, meta) from anything ``loading.load_model`` reads: a ``npgpt train`` out_dir
+    (or a checkpoint file), a weights-only or LoRA-tuned checkpoint, a Hugging Face GPT-2 directory.
 
     ``block_size`` larger than the checkpoint's is allowed for sinusoidal positions (they have no
     parameters, so longer inputs only need more rows of the table); learned positions cannot grow.
     """
-    ckpt = load_checkpoint(os.path.join(path, "ckpt.npz") if os.path.isdir(path) else path)
+    from ..loading import load_model
+    model, ckpt = load_model(path)
     conf = dict(ckpt["model_config"])
     if block_size and block_size > conf["block_size"]:
         if conf.get("pos", "learned") != "sinusoidal":
@@ -34,8 +34,10 @@ def load_pretrained(path, block_size=None):
                              f"{block_size} were asked for: use shorter texts or pretrain with "
                              f"--block_size={block_size}")
         conf["block_size"] = int(block_size)
+    if conf["block_size"] == model.config.block_size:
+        return model.train(), dict(ckpt.get("meta") or {})
     gpt = GPT(GPTConfig.from_dict(conf))
-    gpt.load_state_dict(ckpt["model"])
+    gpt.load_state_dict(model.state_dict())
     return gpt.train(), dict(ckpt.get("meta") or {})
 
 

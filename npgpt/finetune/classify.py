@@ -9,7 +9,14 @@ Rows are right-padded to the longest in the batch; because attention is causal, 
 after position length_b - 1 cannot change z, whatever their ids. Training is cross-entropy on z;
 ``freeze_blocks`` keeps all but the last N transformer blocks (and ln_f and the head) fixed, and
 ``npgpt.lora`` adds low-rank adapters instead.
+
+A trained classifier is one checkpoint (``save_classifier``): the GPT's config and weights with any
+LoRA adapters folded in, the head, the label names, the tokenizer meta, the pooling ("last": the
+last real token) and ``max_len``, the most tokens of a text it reads (longer texts are cut to their
+first ``max_len`` tokens, as ``encode_examples`` cut them in training). ``load_classifier`` gives it
+back and ``classify_texts`` returns per-label probabilities (``npgpt classify``).
 """
+import os
 import tracemalloc
 from dataclasses import dataclass, asdict
 
@@ -17,6 +24,7 @@ import numpy as np
 
 from .. import backend
 from .. import functional as F
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..engine import no_grad
 from ..nn import Module, Linear
 from .base import check_dtype, finetune_optimizer, run_steps
@@ -24,7 +32,10 @@ from .datasets import pad_batch
 
 __all__ = ["hidden_states", "GPTClassifier", "freeze_blocks", "ClassifyConfig", "train_classifier",
            "evaluate_classifier", "majority_baseline", "encode_examples", "label_ids",
-           "optimizer_state_bytes"]
+           "optimizer_state_bytes", "merged_state_dict", "save_classifier", "load_classifier",
+           "predict_proba", "classify_texts", "CLASSIFIER_FILE"]
+
+CLASSIFIER_FILE = "classifier.npz"
 
 
 def hidden_states(model, idx):
@@ -197,3 +208,105 @@ def config_dict(cfg):
     d = asdict(cfg)
     d["lora_targets"] = list(d["lora_targets"])
     return d
+
+
+# ---- a saved classifier -----------------------------------------------------------------------------
+
+def merged_state_dict(clf):
+    """``clf.state_dict()`` with every LoRA adapter folded into its base weight (W + s A B, the
+    ``merge_lora`` formula) and the adapter entries dropped; ``clf`` itself is not changed."""
+    from ..lora import LoRALinear, named_modules
+    state = clf.state_dict()
+    for name, mod in named_modules(clf):
+        if isinstance(mod, LoRALinear):
+            A, B = state.pop(f"{name}.lora_A"), state.pop(f"{name}.lora_B")          # (in, r), (r, out)
+            W = state[f"{name}.weight"]                                             # (in, out)
+            state[f"{name}.weight"] = (W + (A * W.dtype.type(mod.scale)) @ B).astype(W.dtype)
+    return state
+
+
+def save_classifier(path, clf, labels, meta, finetune_config=None, **extra):
+    """Write everything ``load_classifier`` needs to ``path`` (a ``.npz`` checkpoint): the GPT config,
+    the merged weights and head, the label names (class i is ``labels[i]``), the tokenizer meta,
+    the pooling and ``max_len`` (the context: texts are cut to their first ``max_len`` tokens)."""
+    if len(labels) != clf.head.weight.shape[1]:
+        raise ValueError(f"{len(labels)} labels for a head with {clf.head.weight.shape[1]} classes")
+    save_checkpoint(path, {
+        "kind": "classifier", "model": merged_state_dict(clf), "model_config": clf.gpt.config.to_dict(),
+        "labels": list(labels), "meta": dict(meta), "pooling": "last", "max_len": clf.gpt.config.block_size,
+        "finetune_config": finetune_config, **extra})
+
+
+def load_classifier(path):
+    """(classifier in eval mode, labels, tokenizer meta, max_len) from a ``save_classifier`` file or
+    the directory holding ``classifier.npz``. Classifiers saved before adapters were merged at save
+    time (``lora_A``/``lora_B`` entries) get them applied from their fine-tuning config and merged.
+    Raises CheckpointError for a missing file or a checkpoint that is not a classifier."""
+    from ..model import GPT, GPTConfig
+    file = os.path.join(path, CLASSIFIER_FILE) if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise CheckpointError(f"no classifier at {file}; fine-tune one with "
+                              f"`npgpt finetune-classify --out_dir DIR` and pass that DIR")
+    ckpt = load_checkpoint(file)
+    state = ckpt.get("model") or {}
+    if "labels" not in ckpt or "head.weight" not in state or "model_config" not in ckpt:
+        raise CheckpointError(f"{file} is an npgpt checkpoint but not a classifier (no labels or class head); "
+                              f"a language model's ckpt.npz is used by `npgpt sample` / `npgpt eval`, "
+                              f"a classifier is written by `npgpt finetune-classify --out_dir DIR`")
+    if ckpt.get("pooling", "last") != "last":
+        raise CheckpointError(f"{file}: unknown pooling {ckpt['pooling']!r}; this npgpt reads 'last'")
+    labels = list(ckpt["labels"])
+    clf = GPTClassifier(GPT(GPTConfig.from_dict(ckpt["model_config"])), len(labels))
+    if any(k.endswith("lora_A") for k in state):
+        from ..lora import apply_lora, merge_lora
+        cfg = ckpt.get("finetune_config") or {}
+        if not cfg.get("lora_r"):
+            raise CheckpointError(f"{file} holds LoRA adapters but no LoRA settings (finetune_config.lora_r)")
+        apply_lora(clf.gpt, cfg.get("lora_targets", ["attn.c_attn", "attn.c_proj"]), cfg["lora_r"],
+                   cfg.get("lora_alpha", 16.0))
+        clf.load_state_dict(state)
+        merge_lora(clf.gpt)
+    else:
+        clf.load_state_dict(state)
+    max_len = int(ckpt.get("max_len") or clf.gpt.config.block_size)
+    return clf.eval(), labels, dict(ckpt.get("meta") or {}), max_len
+
+
+@no_grad()
+def predict_proba(clf, seqs, batch_size=32):
+    """Class probabilities (N, K) as float64 NumPy for token sequences ``seqs`` (each at most the
+    context long): softmax of the head's logits, in batches of sequences sorted by length."""
+    clf.eval()
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    probs = np.empty((len(seqs), clf.head.weight.shape[1]), dtype=np.float64)
+    for i in range(0, len(order), batch_size):
+        b = order[i:i + batch_size]
+        ids, lengths = pad_batch([seqs[j] for j in b])
+        z = backend.to_numpy(clf(ids, lengths).data).astype(np.float64)           # (B, K)
+        z -= z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        probs[b] = e / e.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def classify_texts(clf, tok, texts, max_len, batch_size=32):
+    """(probabilities (N, K), token counts before truncation) of ``texts``. Each text is cut to its
+    first ``max_len`` tokens, as training cut it (``encode_examples``); an empty text or a character
+    the tokenizer lacks raises ValueError naming the text."""
+    seqs, counts = [], []
+    for n, text in enumerate(texts, 1):
+        try:
+            ids = list(tok.encode(text))
+        except ValueError as e:
+            chars = getattr(tok, "chars", None)
+            if chars is None:
+                raise ValueError(f"text {n}: {e}") from None
+            unknown = "".join(sorted(set(text) - set(chars)))
+            raise ValueError(f"text {n} has characters the classifier cannot read: {unknown[:20]!r}; a char-level "
+                             f"model knows only the {len(chars)} characters it was trained and fine-tuned on: "
+                             f"remove or replace them") from None
+        if not ids:
+            raise ValueError(f"text {n} is empty; give at least one character")
+        counts.append(len(ids))
+        seqs.append(ids[:max_len])
+    return predict_proba(clf, seqs, batch_size), counts

@@ -25,7 +25,8 @@ from .base import check_dtype, finetune_optimizer, run_steps
 
 __all__ = ["PROMPT_WITH_INPUT", "PROMPT_NO_INPUT", "CHAR_END", "IGNORE_INDEX", "format_prompt",
            "end_ids", "encode_instruction", "collate", "fit_examples", "load_instructions", "InstructConfig",
-           "train_instruct", "evaluate_instruct", "generate_response"]
+           "train_instruct", "evaluate_instruct", "generate_response", "CHAT_KEY", "chat_template",
+           "checkpoint_chat_template", "chat_prompt"]
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -37,6 +38,7 @@ PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n")
 CHAR_END = "\n\n"
 IGNORE_INDEX = -100
+CHAT_KEY = "instruct"          # the checkpoint entry that holds ``chat_template(tok)``
 
 
 def format_prompt(ex):
@@ -50,6 +52,33 @@ def end_ids(tok):
     """Token ids that end a response: [eot_token] if the tokenizer has one, else encode(CHAR_END)."""
     eot = getattr(tok, "eot_token", None)
     return [int(eot)] if eot is not None else list(tok.encode(CHAR_END))
+
+
+def chat_template(tok):
+    """What ``npgpt chat`` needs to talk to a model tuned here with ``tok``, as a checkpoint stores it
+    (under ``CHAT_KEY``): the Alpaca prompts and the end marker's text."""
+    return {"template": "alpaca", "prompt_with_input": PROMPT_WITH_INPUT, "prompt_no_input": PROMPT_NO_INPUT,
+            "end": tok.decode(end_ids(tok))}
+
+
+def checkpoint_chat_template(ckpt, tok):
+    """The chat template of an instruction-tuned checkpoint dict: its ``CHAT_KEY`` entry, or, for a
+    ``finetune-instruct`` checkpoint saved before that entry existed (it has a ``lora_config`` key
+    and no ``train_config``), ``chat_template(tok)``. Any other checkpoint: ValueError."""
+    if ckpt.get(CHAT_KEY):
+        return ckpt[CHAT_KEY]
+    if "lora_config" in ckpt and "train_config" not in ckpt:
+        return chat_template(tok)
+    raise ValueError("this checkpoint was not instruction-tuned (no chat template in it): sample from it "
+                     "with `npgpt sample --out_dir DIR --start TEXT`, or tune it first with "
+                     "`npgpt finetune-instruct --init_from DIR --out_dir NEW`")
+
+
+def chat_prompt(template, instruction, input=""):
+    """The prompt text for one question in a ``chat_template`` (as ``format_prompt`` builds it)."""
+    if input:
+        return template["prompt_with_input"].format(instruction=instruction, input=input)
+    return template["prompt_no_input"].format(instruction=instruction)
 
 
 def encode_instruction(ex, tok):

@@ -46,7 +46,7 @@ def load_tokenizer_from_meta(meta):
     if isinstance(meta, (str, os.PathLike)):
         path = os.path.join(meta, "meta.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: prepare the data first (npgpt prepare --out {meta})")
+            raise FileNotFoundError(f"{path} not found: prepare the data first (npgpt prepare --out_dir {meta})")
         with open(path) as f:
             meta = json.load(f)
     kind = meta.get("tokenizer", "char")
