@@ -88,15 +88,16 @@ def iter_documents(files):
 
 def _chunks(pieces):
     """Re-cut a stream of text pieces into ~CHUNK_CHARS chunks at safe points (module docstring)."""
-    buf = ""
+    buf, searched = "", 0                               # no safe point in buf before `searched`
     for piece in pieces:
         buf += piece
         while len(buf) > CHUNK_CHARS:
-            m = _SAFE_CUT.search(buf, CHUNK_CHARS // 2)
-            if m is None:
-                break                                   # no safe point yet: read on
+            m = _SAFE_CUT.search(buf, max(CHUNK_CHARS // 2, searched))
+            if m is None:                               # no safe point yet: read on (a point at the
+                searched = len(buf)                     # very end needs the next character)
+                break
             yield buf[:m.start()]
-            buf = buf[m.start():]
+            buf, searched = buf[m.start():], 0
     if buf:
         yield buf
 

@@ -8,17 +8,26 @@ generators: N steps straight and N/2 steps + resume + N/2 steps give identical l
 ``init_from=PATH`` starts a new run (fresh optimizer and schedule) from the weights of another run,
 a ``npgpt convert`` checkpoint or a Hugging Face GPT-2 directory. ``ckpt.npz`` holds the latest
 evaluation, ``best.npz`` the best validation loss; ``max_time`` and ``patience`` end a run early.
+
+Faults: one run writes to an out_dir at a time (``out_dir/train.lock``); a new run does not replace
+an existing checkpoint without ``overwrite``; a loss, gradient or weight that turns inf/nan stops the
+run with ``TrainingDiverged`` before anything is saved (under fp16 a step with inf/nan gradients is
+skipped by the loss scaler instead); SIGTERM is handled like Ctrl-C (KeyboardInterrupt, with a resume
+hint); temporary files of a save killed midway are removed at the next start.
 """
 import math
+import numbers
 import os
 from dataclasses import dataclass, fields
 
 from .model import GPTConfig
 from .optim import get_lr
-from .train_helpers import (BEST_NAME, CKPT_NAME, RunLog, batch_source, estimate_loss, init_or_resume, load_data,
-                            load_model, save_run, train_step, use_backend)
+from .loading import CKPT_NAME, load_model
+from .run_dir import TrainingDiverged, prepare_out_dir, remove_if_empty, sigterm_as_interrupt
+from .train_helpers import (BEST_NAME, RunLog, batch_source, check_split_lengths, estimate_loss, init_or_resume,
+                            load_data, save_run, train_step, use_backend)
 
-__all__ = ["TrainConfig", "train", "load_model", "estimate_loss", "CKPT_NAME", "BEST_NAME"]
+__all__ = ["TrainConfig", "train", "load_model", "estimate_loss", "CKPT_NAME", "BEST_NAME", "TrainingDiverged"]
 
 
 @dataclass
@@ -62,8 +71,13 @@ class TrainConfig:
                                           # dynamic loss scaling) | float64 (checks)
     tf32: bool = False                    # float32 matmuls on TF32 tensor cores (cuda only)
     progress: bool = True
+    overwrite: bool = False               # a new run may replace the checkpoint already in out_dir
 
     def __post_init__(self):
+        self._check_types()
+        if not self.out_dir or not self.data:
+            raise ValueError(f"out_dir and data must be non-empty paths, got out_dir={self.out_dir!r}, "
+                             f"data={self.data!r}")
         if self.init_from not in ("scratch", "resume") and not os.path.exists(self.init_from):
             raise ValueError(f"init_from must be 'scratch', 'resume' or the path of an npgpt checkpoint or a Hugging "
                              f"Face GPT-2 directory; {self.init_from!r} does not exist")
@@ -74,12 +88,51 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_iters < 0 or self.learning_rate <= 0:
-            raise ValueError("max_iters must be >= 0 and learning_rate > 0")
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        if self.pos not in ("learned", "sinusoidal"):
+            raise ValueError(f"pos must be 'learned' or 'sinusoidal', got {self.pos!r}")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, value in ((f.name, getattr(self, f.name)) for f in fields(self) if f.type in (float, "float")):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if not self.max_time >= 0:
             raise ValueError(f"max_time must be >= 0 seconds (0 = no limit), got {self.max_time}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 evaluations without improvement (0 = off), got {self.patience}")
+
+    def _check_types(self):
+        """Each knob of its field's type (from a JSON/TOML config a list, or true for an int, is refused;
+        an int where a float goes, or an integral float where an int goes, is converted)."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), {"int": int, "float": float, "bool": bool, "str": str}.get(
+                f.type, f.type)
+            if kind is str and isinstance(value, os.PathLike):
+                value = os.fspath(value)                  # a pathlib.Path for data, out_dir, init_from
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if not ok and kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok and kind is int and not isinstance(value, bool) and (
+                    isinstance(value, numbers.Integral) or isinstance(value, float) and value.is_integer()):
+                value, ok = int(value), True
+            if not ok:
+                raise ValueError(f"{f.name} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+            setattr(self, f.name, value)
 
     def model_config(self, vocab_size):
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
@@ -93,16 +146,39 @@ class TrainConfig:
 
 def train(cfg, log=print):
     """Train (or resume) as configured; returns {"iter", "train_loss", "val_loss", "best_val_loss",
-    "losses", "seconds", "stopped"} ("stopped": None after max_iters, else "max_time" or "patience")."""
-    # the backend, the data and the output directory
+    "losses", "seconds", "stopped"} ("stopped": None after max_iters, else "max_time" or "patience").
+    Raises ``TrainingDiverged`` (nothing saved), ``OutDirLocked``, ValueError/CheckpointError for bad
+    input, and KeyboardInterrupt on Ctrl-C or SIGTERM after logging how to resume."""
+    # the backend, the data and the output directory (locked; leftovers of a killed save removed)
     use_backend(cfg)
     meta, splits = load_data(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.init_from != "resume":        # (a resumed run's block_size is the checkpoint's: checked later)
+        check_split_lengths(splits, cfg)
+    lock, created = prepare_out_dir(cfg, log)
+    try:
+        with sigterm_as_interrupt():
+            return _train(cfg, meta, splits, log)
+    finally:
+        lock.release()
+        if created:
+            remove_if_empty(cfg.out_dir)
+
+
+def _train(cfg, meta, splits, log):
     # the model and its optimizer: new, from weights, or resumed with the step, best val loss and random streams
-    model, opt, start_iter, best_val, evals_since_best, batch_rng = init_or_resume(cfg, meta, log)
+    cfg, model, opt, start_iter, best_val, evals_since_best, batch_rng = init_or_resume(cfg, meta, log)
+    check_split_lengths(splits, cfg)
     run_log = RunLog(cfg, start_iter, log, model)
     next_batch = batch_source(splits["train"], cfg, start_iter, batch_rng, log)
     losses, iter_num, stopped, lr = {}, start_iter, None, None
+    saved_at = start_iter if cfg.init_from == "resume" else None     # the step ckpt.npz holds
+
+    def diverged(what):
+        kept = f"{os.path.join(cfg.out_dir, CKPT_NAME)} still holds iteration {saved_at}" if saved_at is not None \
+            else "no checkpoint was written"
+        return TrainingDiverged(f"{what} at iteration {iter_num}, so the run stopped without saving ({kept}); "
+                                f"lower --learning_rate (now {cfg.learning_rate:g}) or set --grad_clip, then "
+                                f"resume with npgpt train --init_from=resume --out_dir {cfg.out_dir}")
     model.train()
     try:
         while True:
@@ -111,16 +187,24 @@ def train(cfg, log=print):
                 if cfg.decay_lr else cfg.learning_rate
             opt.set_lr(lr)
             # evaluate the loss on train/val sets and write checkpoints: ckpt.npz the latest, best.npz the
-            # best val loss (none at the step resumed from, which the checkpoint already holds and counted)
+            # best val loss (none at the step resumed from, which the checkpoint already holds and counted);
+            # inf/nan losses or weights stop the run before anything is written
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or stopped:
                 losses = estimate_loss(model, splits, cfg, cfg.seed + 1)
                 run_log.evaluation(iter_num, losses)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise diverged(f"the evaluation loss is {losses['val']} (train {losses['train']})")
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
                 if iter_num > start_iter or cfg.init_from != "resume":
                     evals_since_best = 0 if improved else evals_since_best + 1
                 if (improved or cfg.always_save_checkpoint) and (iter_num > start_iter or iter_num == cfg.max_iters):
-                    save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng, improved, evals_since_best)
+                    try:
+                        save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng, improved,
+                                 evals_since_best)
+                    except TrainingDiverged:
+                        raise diverged("the weights are not finite") from None
+                    saved_at = iter_num
                 if cfg.patience and evals_since_best >= cfg.patience and not stopped:
                     stopped = "patience"
                     log(f"early stopping: val loss has not improved for {evals_since_best} evaluations "
@@ -132,14 +216,24 @@ def train(cfg, log=print):
             # and skips (fp16) steps with inf/nan gradients
             loss = train_step(opt, lambda: model(*next_batch())[1], cfg.gradient_accumulation_steps)
             iter_num += 1
-            # timing and logging
+            # timing and logging; an inf/nan loss (read at each log line) stops the run, except under fp16
+            # where the loss scaler skips such steps
             run_log.step(iter_num, loss, lr, opt)
+            if run_log.first_non_finite is not None and not opt.mixed:
+                raise diverged(f"the training loss became {run_log.history[-1]} (first at iteration "
+                               f"{run_log.first_non_finite})")
             # the time budget: evaluate and save at this iteration, then stop
             if cfg.max_time and run_log.seconds() >= cfg.max_time and iter_num < cfg.max_iters:
                 stopped = "max_time"
                 run_log.finish(iter_num, lr, opt)
                 log(f"stopping at iteration {iter_num}: the time budget of {cfg.max_time:g} s is spent")
         run_log.finish(iter_num, lr, opt)
+    except KeyboardInterrupt:
+        kept = f"{os.path.join(cfg.out_dir, CKPT_NAME)} holds iteration {saved_at}" if saved_at is not None \
+            else "no checkpoint was written yet"
+        log(f"interrupted at iteration {iter_num} ({kept}); resume with npgpt train --init_from=resume "
+            f"--out_dir {cfg.out_dir} --data {cfg.data}")
+        raise
     finally:
         run_log.close()
     if not math.isfinite(run_log.history[-1] if run_log.history else 0.0):

@@ -1,5 +1,7 @@
-"""The pieces of ``npgpt train``'s loop (``train.py``), in the order the loop uses them: the backend
-and the data, init-or-resume, batches, the optimizer and its step, evaluation, checkpoints, the log.
+"""The pieces of ``npgpt train``'s loop (``train.py``): the output directory (its lock, leftovers of a
+killed save, no silent overwrite, SIGTERM), then in the order the loop uses them: the backend and the
+data, init-or-resume (with the checks a resumed run needs), batches, the optimizer and its step,
+evaluation, checkpoints (never of inf/nan weights), the log.
 How every command reads a model is ``loading.load_model``.
 
 ``make_optimizer`` and ``train_step`` are also fine-tuning's (``npgpt.finetune``): every run builds
@@ -7,6 +9,7 @@ the same flat AdamW (decay on matrices only, clipping inside the step, optional 
 precision) and steps it the same way.
 """
 import json
+import math
 import os
 import time
 from dataclasses import asdict
@@ -15,18 +18,19 @@ import numpy as np
 
 from . import backend
 from .checkpoint import save_checkpoint, copy_checkpoint, load_checkpoint, CheckpointError
-from .data import load_split, get_batch, ensure_prepared, DeviceBatches, fits_on_device, device_bytes
+from .data import check_split_length, load_split, get_batch, ensure_prepared, DeviceBatches, fits_on_device, device_bytes
 from .engine import no_grad
 from .lora import named_modules
 from .model import GPT, GPTConfig
 from .nn import LayerNorm
 from .optim import FlatAdamW, decay_groups
 from .costs import peak_flops
-from .loading import CKPT_NAME, is_hf_dir, load_model, merged_state
+from .loading import CKPT_NAME, load_model
+from .resume import check_vocab, resume_config, vocab_fingerprint
+from .run_dir import TrainingDiverged, all_finite
 
 __all__ = ["CKPT_NAME", "BEST_NAME", "make_optimizer", "train_step", "use_backend", "load_data", "init_or_resume",
-           "init_from_weights", "check_vocab", "batch_source", "estimate_loss", "save_run", "RunLog", "load_model",
-           "merged_state", "is_hf_dir"]
+           "init_from_weights", "batch_source", "estimate_loss", "save_run", "RunLog", "check_split_lengths"]
 
 BEST_NAME = "best.npz"      # the checkpoint of the best validation loss so far
 RESUME_KEYS = ("optimizer", "iter_num", "batch_rng")   # what a checkpoint needs beyond weights to resume
@@ -78,20 +82,25 @@ def load_data(cfg):
     return meta, {"train": load_split(cfg.data, "train"), "val": load_split(cfg.data, "val")}
 
 
+def check_split_lengths(splits, cfg):
+    """Raise one DataError (a ValueError) unless every split has a window of block_size + 1 tokens (a
+    batch's inputs and their next tokens): ``data.check_split_length`` on each."""
+    for name, data in splits.items():
+        check_split_length(data, cfg.block_size, f"{name} ({os.path.join(cfg.data, name + '.bin')})")
+
+
 def _make_training_optimizer(model, cfg):
     return make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                           cfg.grad_clip, "float16" if cfg.dtype == "float16" else None)
 
 
 def init_or_resume(cfg, meta, log):
-    """(model, optimizer, iter_num, best_val_loss, evals_since_best, batch_rng): a new model
+    """(cfg, model, optimizer, iter_num, best_val_loss, evals_since_best, batch_rng): a new model
     (``init_from="scratch"``), the weights of another run or of a Hugging Face GPT-2 with a fresh
     optimizer (``init_from=PATH``: ``init_from_weights``), or the checkpoint in ``cfg.out_dir`` with
     its optimizer moments, step and random-generator states (``"resume"``: the resumed run continues
-    bit for bit)."""
-    batch_rng = np.random.default_rng(cfg.seed)
-    backend.seed(cfg.seed)
-    iter_num, best_val, evals_since_best = 0, float("inf"), 0
+    bit for bit; the returned cfg holds the checkpoint's ``ARCH_KNOBS``, see ``resume_config``)."""
+    ckpt = None
     if cfg.init_from == "resume":
         ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
         ckpt = load_checkpoint(ckpt_path)
@@ -100,10 +109,18 @@ def init_or_resume(cfg, meta, log):
             raise CheckpointError(f"{ckpt_path} holds weights only (no {', '.join(missing)}), so there is no run "
                                   f"to resume; start a new run from its weights: npgpt train "
                                   f"--init_from={cfg.out_dir} --out_dir=NEW_DIR")
-        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+        cfg = resume_config(cfg, ckpt, meta, ckpt_path, log)
+    batch_rng = np.random.default_rng(cfg.seed)
+    backend.seed(cfg.seed)
+    iter_num, best_val, evals_since_best = 0, float("inf"), 0
+    if ckpt is not None:
+        model = GPT(GPTConfig.from_dict({**ckpt["model_config"], "dropout": cfg.dropout}))
         model.load_state_dict(ckpt["model"])
         opt = _make_training_optimizer(model, cfg)
+        knobs = [{k: g[k] for k in ("weight_decay", "betas") if k in g} for g in opt.param_groups]
         opt.load_state_dict(ckpt["optimizer"])
+        for group, ours in zip(opt.param_groups, knobs):   # this run's weight decay and betas take effect
+            group.update(ours)
         iter_num, best_val = ckpt["iter_num"], ckpt.get("best_val_loss", float("inf"))
         evals_since_best = ckpt.get("evals_since_best", 0)
         batch_rng.bit_generator.state = ckpt["batch_rng"]
@@ -123,7 +140,7 @@ def init_or_resume(cfg, meta, log):
             "check mixed precision without a GPU. Train on the CPU with dtype=float32.")
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
         f"backend {backend.name}, {cfg.dtype}")
-    return model, opt, iter_num, best_val, evals_since_best, batch_rng
+    return cfg, model, opt, iter_num, best_val, evals_since_best, batch_rng
 
 
 def init_from_weights(cfg, meta, log):
@@ -153,26 +170,6 @@ def init_from_weights(cfg, meta, log):
     log(f"initialized from {cfg.init_from} (n_layer={conf['n_layer']}, n_head={conf['n_head']}, "
         f"n_embd={conf['n_embd']}, vocab {conf['vocab_size']}; fresh optimizer and schedule)")
     return model.train()
-
-
-def check_vocab(data_meta, model_meta, vocab_size, data_dir, source):
-    """Raise one ValueError unless the data in ``data_dir`` (``data_meta``) was tokenized the way the
-    model at ``source`` (``model_meta``, None when unknown; ``vocab_size`` rows of embeddings) was."""
-    have = data_meta.get("tokenizer", "char")
-    want = (model_meta or {}).get("tokenizer")
-    if want is not None and want != have:
-        fix = "npgpt prepare --tokenizer gpt2" if want == "gpt2" else \
-            ("npgpt prepare (character level) on text of the same alphabet" if want == "char"
-             else f"npgpt prepare --tokenizer {want}")
-        raise ValueError(f"{source} was trained on {want!r} tokens but {data_dir} holds {have!r} tokens, so the "
-                         f"ids would mean other tokens; prepare the data with {fix} --input FILES --out_dir DIR "
-                         f"and train with --data DIR")
-    if want == "char" and have == "char" and model_meta.get("chars") != data_meta.get("chars"):
-        raise ValueError(f"{source} and {data_dir} have different character sets, so the ids would mean other "
-                         f"characters; prepare the data from text with {source}'s alphabet")
-    if data_meta.get("vocab_size", 0) > vocab_size:
-        raise ValueError(f"{data_dir} has a vocabulary of {data_meta['vocab_size']} tokens but {source} embeds only "
-                         f"{vocab_size}; prepare the data with the checkpoint's tokenizer")
 
 
 def batch_source(train_data, cfg, iter_num, batch_rng, log=print):
@@ -216,11 +213,18 @@ def _rng_state(gen):
 def save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng, best=False, evals_since_best=0):
     """Write ``out_dir/ckpt.npz`` atomically: the (float32 master) weights, the optimizer, the step,
     the losses, the early-stopping count and the random-generator states; with ``best`` (the
-    validation loss improved) copy it to ``out_dir/best.npz`` too, so either one resumes."""
+    validation loss improved) copy it to ``out_dir/best.npz`` too, so either one resumes. Weights or
+    losses that are not finite raise ``TrainingDiverged`` and write nothing: a diverged run never
+    replaces a good checkpoint."""
     path = os.path.join(cfg.out_dir, CKPT_NAME)
+    weights = opt.master_state_dict(model)
+    if not all(math.isfinite(v) for v in (losses.get("train", 0.0), losses.get("val", 0.0))) \
+            or not all_finite(weights.values()):
+        raise TrainingDiverged(f"the weights or losses at iteration {iter_num} are not finite")
     save_checkpoint(path, {
-        "model": opt.master_state_dict(model), "optimizer": opt.state_dict(),
+        "model": weights, "optimizer": opt.state_dict(),
         "model_config": model.config.to_dict(), "train_config": asdict(cfg), "meta": meta,
+        "vocab_fingerprint": vocab_fingerprint(meta),
         "iter_num": iter_num, "best_val_loss": best_val, "val_loss": losses.get("val"),
         "evals_since_best": evals_since_best,
         "batch_rng": _rng_state(batch_rng), "backend_rng": _rng_state(backend.rng())})
@@ -255,6 +259,7 @@ class RunLog:
             self.bar = tqdm(total=cfg.max_iters, initial=iter_num, unit="it", dynamic_ncols=True)
         self.tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         self.history, self.pending = [], []
+        self.first_non_finite = None     # the iteration of the first logged loss that is inf/nan
         self.t_start = self.t_last = time.time()
 
     def _write(self, record):
@@ -283,7 +288,12 @@ class RunLog:
             self._log_line(iter_num, lr, opt)
 
     def _log_line(self, iter_num, lr, opt):
-        self.history.extend(float(v) for v in backend.to_numpy(backend.xp.stack(self.pending)))
+        new = [float(v) for v in backend.to_numpy(backend.xp.stack(self.pending))]
+        self.history.extend(new)
+        if self.first_non_finite is None:
+            bad = [i for i, v in enumerate(new) if not math.isfinite(v)]
+            if bad:
+                self.first_non_finite = iter_num - len(new) + bad[0] + 1
         loss_now = self.history[-1]
         elapsed = time.time() - self.t_last
         self.t_last = time.time()

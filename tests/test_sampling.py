@@ -205,7 +205,7 @@ def test_chat_reads_questions_until_end_of_input(tuned, tmp_path, capsys, monkey
 
 def test_chat_on_a_lora_checkpoint(tuned, tmp_path, capsys):
     """A ``finetune-instruct --lora_r`` checkpoint (base weights + adapters in one state dict) loads
-    (``train_helpers.load_model`` merges it) and answers as the adapted model in memory does."""
+    (``loading.load_model`` merges it) and answers as the adapted model in memory does."""
     from npgpt.lora import apply_lora, lora_parameters
     m, tok = tuned
     lm = GPT(m.config)

@@ -47,11 +47,16 @@ def answer(model, tok, ckpt, question, max_new_tokens, write=None, input="", **s
 def run_chat(args):
     from .. import backend
     from ..checkpoint import CheckpointError
-    from .sample_cmd import load_for_sampling, sampling_kwargs, writer
+    from .sample_cmd import check_question, load_for_sampling, sampling_kwargs, writer
     if args.device == "cuda":
         backend.use("cupy")
     try:
         knobs = sampling_kwargs(args)
+        if args.prompt is not None:
+            check_question(args.prompt, "--prompt")
+        elif sys.stdin is None or sys.stdin.closed:
+            raise ValueError("stdin is closed, so there are no questions to read: give --prompt QUESTION "
+                             "or pipe questions in, one a line")
         model, tok, ckpt = load_for_sampling(args.out_dir)
         write = writer(args.stream)
         if args.prompt is not None:

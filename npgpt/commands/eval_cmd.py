@@ -1,6 +1,5 @@
 """``npgpt eval``: perplexity / bits per byte on a text file and multiple-choice accuracy."""
 import json
-import os
 import sys
 
 HELP = """Evaluate a model (an npgpt checkpoint via --out_dir, or a Hugging Face GPT-2 via --hf):
@@ -48,20 +47,23 @@ def _load(args):
         from ..hf import from_hf, load_hf_meta
         model, meta = from_hf(args.hf), load_hf_meta(args.hf)
     else:
-        from ..train import load_model
-        model, ckpt = load_model(args.out_dir or "out-shakespeare-char")
-        meta = ckpt["meta"]
+        from ..loading import load_model
+        out_dir = args.out_dir or "out-shakespeare-char"
+        model, ckpt = load_model(out_dir)       # LoRA adapters from finetune-instruct are merged on load
+        meta = ckpt.get("meta")
+        if not meta:
+            raise ValueError(f"{out_dir}: the checkpoint names no tokenizer (no 'meta'); re-save it with npgpt")
     return model, load_tokenizer_from_meta(meta)
 
 
 def evaluate(args, log=print):
     """Run what ``args`` asks for; returns the results dict. Raises ValueError/CheckpointError."""
     from .. import evaluate as ev
+    from .sample_cmd import read_text_file
     if not args.text and not args.mc:
         raise ValueError("nothing to evaluate: give --text FILE and/or --mc FILE (or a bundled task: "
                          "--mc example, --mc hellaswag_sample)")
-    if args.text and not os.path.exists(args.text):
-        raise ValueError(f"text file {args.text} not found")
+    text = read_text_file(args.text, "--text") if args.text else None
     if args.stride is not None and args.stride < 1:
         raise ValueError(f"--stride must be >= 1, got {args.stride}")
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -77,8 +79,6 @@ def evaluate(args, log=print):
     results = {"model": args.hf or args.out_dir or "out-shakespeare-char", "block_size": bs}
     progress = not args.no_progress and not args.json
     if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
         r = ev.evaluate_text(model, tok, text, args.stride, args.batch_size, args.max_tokens, progress)
         results["text"] = r
         if not args.json:

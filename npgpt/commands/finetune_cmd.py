@@ -38,6 +38,8 @@ def _common(parser):
                         help="comma-separated Linear names to adapt (e.g. attn.c_attn,attn.c_proj,mlp.c_fc)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the batches and a scratch model")
     parser.add_argument("--out_dir", default=None, help="save the fine-tuned model (and LoRA adapters) here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the files --out_dir already holds (refused without it, before training)")
 
 
 def register(sub):
@@ -92,6 +94,19 @@ def _check(args):
                          f"`npgpt train --out_dir DIR` or use --init_from scratch")
 
 
+def _check_out_dir(args, files):
+    """Refuse, before any training, to write ``files`` into ``--out_dir`` when it is a file or
+    already holds one of them (a training checkpoint, an earlier fine-tune), unless --overwrite."""
+    if not args.out_dir:
+        return
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out_dir {args.out_dir} is a file, not a directory")
+    present = [f for f in files if os.path.exists(os.path.join(args.out_dir, f))]
+    if present and not args.overwrite:
+        raise ValueError(f"{os.path.join(args.out_dir, present[0])} exists; refusing to overwrite it: give another "
+                         f"--out_dir or add --overwrite")
+
+
 def _guarded(cmd, job, args):
     """Check the arguments and run ``job``; user errors (bad values, paths, corrupt checkpoints)
     become one ``npgpt CMD: error:`` line and exit status 2."""
@@ -111,6 +126,8 @@ def _classify(args):
     from ..finetune import classify as C, datasets as D
     from ..finetune.base import init_model
     from ..lora import save_lora
+    # a training ckpt.npz beside classifier.npz is left alone, so only these two are guarded
+    _check_out_dir(args, [C.CLASSIFIER_FILE] + (["adapter.npz"] if args.lora_r else []))
     if args.data:
         examples = D.load_labeled(args.data)
         train, test = D.classification_split(examples, "passage", args.test_frac, args.seed)
@@ -177,6 +194,7 @@ def _instruct(args):
     from ..finetune import datasets as D, instruct as I
     from ..finetune.base import init_model
     from ..lora import apply_lora, save_lora
+    _check_out_dir(args, ["ckpt.npz"] + (["adapter.npz"] if args.lora_r else []))
     if args.data:
         examples = I.load_instructions(args.data)
     else:

@@ -4,6 +4,7 @@ The sampling knobs (``add_sampling_args``) and the loading (``load_for_sampling`
 ``npgpt chat`` (chat_cmd.py); ``sample --instruct "..."`` is chat's one-shot answer.
 """
 import argparse
+import os
 import sys
 
 
@@ -41,6 +42,31 @@ def register(sub):
     sample.set_defaults(func=run_sample)
 
 
+def read_text_file(path, what="file"):
+    """The text of the UTF-8 file ``path``; a missing file, a directory or a binary file (not UTF-8,
+    or holding NUL bytes) is a ValueError naming ``what`` (e.g. "--start FILE:")."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path} not found")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory; give a UTF-8 text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason}); give a text file") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be read: {e.strerror}") from None
+    if "\0" in text:
+        raise ValueError(f"{what} {path} is not UTF-8 text (it holds NUL bytes: a binary file?); give a text file")
+    return text
+
+
+def check_question(question, flag):
+    """A question for an instruction-tuned model must say something: ValueError for a blank one."""
+    if not question.strip():
+        raise ValueError(f"{flag} is empty: ask a question, e.g. {flag} \"Which play is this line from?\"")
+
+
 def sampling_kwargs(args):
     """generate_stream's keyword arguments from parsed --temperature ... --no_cache (checked)."""
     from ..sampling import check_sampling
@@ -66,7 +92,7 @@ def writer(stream):
 
 
 def load_for_sampling(out_dir=None, hf=None):
-    """(model, tokenizer, checkpoint dict) from ``out_dir`` (``train_helpers.load_model``: npgpt
+    """(model, tokenizer, checkpoint dict) from ``out_dir`` (``loading.load_model``: npgpt
     checkpoints, LoRA-tuned ones merged) or from a Hugging Face directory ``hf``."""
     from ..tokenizer import load_tokenizer_from_meta
     if hf is not None:
@@ -112,13 +138,13 @@ def run_sample(args):
         knobs = sampling_kwargs(args)
         if args.instruct is not None:
             from .chat_cmd import answer
+            check_question(args.instruct, "--instruct")
             model, tok, ckpt = load_for_sampling(args.out_dir, args.hf)
             answer(model, tok, ckpt, args.instruct, args.max_new_tokens, writer(args.stream), seed=args.seed,
                    **knobs)
             return 0
         if start.startswith("FILE:"):
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
+            start = read_text_file(start[5:], "--start FILE:")
         print_samples(args.out_dir, start, args.num_samples, args.max_new_tokens, args.temperature,
                       args.top_k, args.top_p, args.seed, not args.no_cache, hf=args.hf,
                       repetition_penalty=args.repetition_penalty, stream=args.stream)

@@ -11,7 +11,9 @@ validation loss and a sample. Every knob is --key=value with nanoGPT's names, e.
   npgpt train --init_from=./gpt2 --data data/shakespeare_gpt2 --block_size=256   (weights of a checkpoint
         or a local Hugging Face GPT-2 directory; fresh optimizer; the data must use its tokenizer)
   npgpt train --max_time=600 --patience=5   (stop after 10 minutes or 5 evaluations without a new best)
-OUT_DIR/ckpt.npz is the latest checkpoint, OUT_DIR/best.npz the one with the best val loss.
+OUT_DIR/ckpt.npz is the latest checkpoint, OUT_DIR/best.npz the one with the best val loss. One run
+writes to an OUT_DIR at a time; a new run there needs --overwrite; an inf/nan loss stops the run
+without saving (exit 1); on resume the model shape and seed come from the checkpoint.
   npgpt train --config my.toml            (JSON or TOML of the same keys; --key=value overrides it)
 
 The knobs (--key=value or --key value; _ or - in the key), with their type and default:
@@ -52,6 +54,7 @@ KNOBS = {
     "dtype": ("system", "float32 | float16 (mixed precision, fp32 master weights) | float64"),
     "tf32": ("system", "float32 matmuls on TF32 tensor cores (cuda)"),
     "progress": ("system", "a progress bar (false: a log line every log_interval)"),
+    "overwrite": ("data", "a new run may replace the checkpoint already in out_dir (else refused)"),
 }
 GROUPS = ("data", "model", "optimizer", "schedule", "system")
 
@@ -87,8 +90,9 @@ class _Raw(__import__("argparse").RawDescriptionHelpFormatter):
     pass
 
 
-def parse_overrides(tokens):
-    """['--k=v', '--k', 'v', ...] -> {k: v as text}; raises ValueError on anything else."""
+def parse_overrides(tokens, flags=()):
+    """['--k=v', '--k', 'v', ...] -> {k: v as text}; a bare ``--k`` of a key in ``flags`` (the bool
+    knobs) is ``true`` (``--overwrite`` as the other commands spell it); raises ValueError on anything else."""
     out, i = {}, 0
     while i < len(tokens):
         t = tokens[i]
@@ -96,6 +100,8 @@ def parse_overrides(tokens):
             raise ValueError(f"unexpected argument {t!r}: use --key=value")
         if "=" in t:
             k, v = t[2:].split("=", 1)
+        elif t[2:].replace("-", "_") in flags and (i + 1 == len(tokens) or tokens[i + 1].startswith("--")):
+            k, v = t[2:], "true"
         elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
             k, v = t[2:], tokens[i + 1]
             i += 1
@@ -136,9 +142,19 @@ def build_config(overrides, config_file=None):
                     import tomllib
                 except ImportError:
                     raise ValueError("TOML configs need Python >= 3.11; use JSON") from None
-                values.update(tomllib.load(f))
+                try:
+                    loaded = tomllib.load(f)
+                except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"config file {config_file} is not valid TOML: {e}") from None
             else:
-                values.update(json.loads(f.read().decode()))
+                try:
+                    loaded = json.loads(f.read().decode())
+                except ValueError as e:
+                    raise ValueError(f"config file {config_file} is not valid JSON: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {config_file} must hold an object of key: value pairs, not a "
+                                 f"{type(loaded).__name__}")
+            values.update(loaded)
     values.update(overrides)
     unknown = sorted(set(values) - set(types))
     if unknown:
@@ -149,17 +165,23 @@ def build_config(overrides, config_file=None):
 def run_train(args):
     from ..train import train
     try:
-        cfg = build_config(parse_overrides(args.overrides), args.config)
+        from ..train import TrainConfig
+        flags = {k for k, t in TrainConfig.field_types().items() if t in (bool, "bool")}
+        cfg = build_config(parse_overrides(args.overrides, flags), args.config)
     except ValueError as e:
         print(f"npgpt train: error: {e}", file=sys.stderr)
         return 2
     from ..backend import BackendError
     from ..checkpoint import CheckpointError
+    from ..run_dir import OutDirLocked, TrainingDiverged
     try:
         result = train(cfg)
-    except (FileNotFoundError, BackendError, CheckpointError, ValueError) as e:   # ValueError: e.g. vocab mismatch
+    except (FileNotFoundError, BackendError, CheckpointError, OutDirLocked, ValueError) as e:   # e.g. vocab mismatch
         print(f"npgpt train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:           # not the input's fault: the run failed
+        print(f"npgpt train: error: {e}", file=sys.stderr)
+        return 1
     best = os.path.join(cfg.out_dir, "best.npz")
     print(f"done: {result['iter']} iterations in {result['seconds']:.0f} s; val loss {result['val_loss']:.4f}; "
           f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.npz')}"
@@ -184,7 +206,18 @@ def run_plot(args):
     except ImportError:
         print('npgpt plot: error: needs matplotlib: pip install -e ".[plot]"', file=sys.stderr)
         return 2
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows, broken = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:         # a line cut off by a killed run
+                row = None
+                broken += 1
+            if isinstance(row, dict) and isinstance(row.get("iter"), (int, float)):
+                rows.append(row)
+    if broken:
+        print(f"note: skipped {broken} unreadable line(s) of {path} (cut off by an interrupted run?)", file=sys.stderr)
     steps = [(r["iter"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
