@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import npgpt
 from npgpt.tokenizer import GPT2_PATTERN, get_encoding
-from npgpt.tokenizer import encoding as encoding_mod
+from npgpt.tokenizer import merge as encoding_mod
 from npgpt.tokenizer.encoding import Encoding, bpe_merge, pair_table
 
 ENC = get_encoding("gpt2")
@@ -31,16 +31,16 @@ def ref():
 
 def all_paths(piece, ranks, table):
     """bpe_merge of ``piece`` by the list loop, by the heap and by rounds + heap."""
-    saved = encoding_mod._SHORT_PIECE, encoding_mod._ROUNDS_PIECE, encoding_mod._SMALL_ROUNDS
+    saved = encoding_mod.SHORT_PIECE, encoding_mod.ROUNDS_PIECE, encoding_mod.SMALL_ROUNDS
     try:
-        encoding_mod._SHORT_PIECE = 1 << 30
+        encoding_mod.SHORT_PIECE = 1 << 30
         by_list = bpe_merge(piece, ranks)
-        encoding_mod._SHORT_PIECE = encoding_mod._ROUNDS_PIECE = 0
+        encoding_mod.SHORT_PIECE = encoding_mod.ROUNDS_PIECE = 0
         by_heap = bpe_merge(piece, ranks)
-        encoding_mod._SMALL_ROUNDS = 1 << 30                # rounds as long as they are exact
+        encoding_mod.SMALL_ROUNDS = 1 << 30                # rounds as long as they are exact
         by_rounds = bpe_merge(piece, ranks, table)
     finally:
-        encoding_mod._SHORT_PIECE, encoding_mod._ROUNDS_PIECE, encoding_mod._SMALL_ROUNDS = saved
+        encoding_mod.SHORT_PIECE, encoding_mod.ROUNDS_PIECE, encoding_mod.SMALL_ROUNDS = saved
     return by_list, by_heap, by_rounds
 
 
@@ -84,14 +84,14 @@ def test_runs_all_paths_agree_hypothesis(units):
 def test_runs_match_tiktoken_with_low_thresholds(ref, units):
     """Through Encoding, with every pre-token of 2+ bytes on the heap or rounds path."""
     text = "".join(unit * count for unit, count in units)
-    saved = encoding_mod._SHORT_PIECE, encoding_mod._ROUNDS_PIECE
-    encoding_mod._SHORT_PIECE, encoding_mod._ROUNDS_PIECE = 1, 8
+    saved = encoding_mod.SHORT_PIECE, encoding_mod.ROUNDS_PIECE
+    encoding_mod.SHORT_PIECE, encoding_mod.ROUNDS_PIECE = 1, 8
     try:
         fresh = Encoding("gpt2", GPT2_PATTERN, ENC.mergeable_ranks, ENC.special_tokens)
         fresh._pair_table = TABLE                            # (built once, not per example)
         assert fresh.encode_ordinary(text) == ref.encode_ordinary(text)
     finally:
-        encoding_mod._SHORT_PIECE, encoding_mod._ROUNDS_PIECE = saved
+        encoding_mod.SHORT_PIECE, encoding_mod.ROUNDS_PIECE = saved
 
 
 def toy_ranks(rng, n_merges):

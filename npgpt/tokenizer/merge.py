@@ -1,0 +1,168 @@
+"""The merge loop of byte-level BPE for one pre-token: the adjacent pair of lowest rank merges, again
+and again, until no adjacent pair is a token; among equal ranks the leftmost pair first, as tiktoken.
+
+Three exact implementations, chosen by the pre-token's length (``bpe_merge``):
+- a list loop, O(n^2) but fast for the short pieces of natural text;
+- ``_merge_heap``: a doubly linked list of parts and a min-heap of adjacent pairs, O(n log n), for a
+  long run of letters, digits or punctuation (minified code, base64, DNA, 1 MB of "a");
+- ``_merge_rounds``: whole rounds of equal-rank merges in NumPy first, for very long pieces, applied
+  only while a round is provably what one-at-a-time merging would do; the heap finishes.
+"""
+import heapq
+
+import numpy as np
+
+__all__ = ["bpe_merge", "pair_table", "SHORT_PIECE", "ROUNDS_PIECE"]
+
+_NONE = float("inf")
+_NO_PAIR = 1 << 62
+SHORT_PIECE = 128                 # longer pre-tokens merge by heap, see bpe_merge
+ROUNDS_PIECE = 4096               # and longer still by NumPy rounds first
+SMALL_ROUNDS = 8
+_BYTES = [bytes([b]) for b in range(256)]
+
+
+def bpe_merge(piece, ranks, pair_table=None):
+    """Token ids of one pre-token ``piece`` (bytes) under ``ranks`` (bytes -> id), lowest rank first.
+
+    Among equal ranks (the same token twice) the leftmost pair merges first, as in tiktoken. A short
+    piece uses the list loop below, O(n^2) but fast in C for small n; a long one (a minified file,
+    base64, 1 MB of "a") uses ``_merge_heap``, O(n log n), after ``_merge_rounds`` when a
+    ``pair_table`` (from ``pair_table(ranks)``) is given. All three give the same ids.
+
+    ``pair_ranks[i]`` is the rank of parts[i] + parts[i+1] (inf if that is not a token); a merge
+    changes only the two pairs touching the merged part."""
+    if len(piece) > SHORT_PIECE:
+        if pair_table is not None and len(piece) > ROUNDS_PIECE:
+            return _merge_rounds(piece, ranks, pair_table)
+        return _merge_heap(piece, ranks, list(range(len(piece))), [ranks[b] for b in map(_BYTES.__getitem__, piece)])
+    parts = [_BYTES[c] for c in piece]
+    get = ranks.get
+    pair_ranks = [get(a + b, _NONE) for a, b in zip(parts, parts[1:])]
+    best = min(pair_ranks, default=_NONE)
+    while best != _NONE:
+        i = pair_ranks.index(best)
+        parts[i] += parts.pop(i + 1)
+        del pair_ranks[i]
+        if i < len(pair_ranks):
+            pair_ranks[i] = get(parts[i] + parts[i + 1], _NONE)
+        if i:
+            pair_ranks[i - 1] = get(parts[i - 1] + parts[i], _NONE)
+        best = min(pair_ranks, default=_NONE)
+    return [ranks[p] for p in parts]
+
+
+def _merge_heap(piece, ranks, starts, part_ids):
+    """BPE of ``piece`` from the parts starting at byte offsets ``starts`` with ids ``part_ids``:
+    a doubly linked list of parts and a min-heap of (rank, part index) of adjacent pairs.
+
+    A heap key is ``rank << shift | i``, so keys order by rank, then position (leftmost first: a
+    part keeps the index of its left end). A merge pushes the two new pairs around the merged part;
+    an old key whose pair has since changed is skipped when popped (``pair_rank[i] != rank``)."""
+    m, get = len(starts), ranks.get
+    starts = starts + [len(piece)]                   # part m: the end
+    nxt, prv = list(range(1, m + 2)), list(range(-1, m))
+    shift = m.bit_length()
+    mask = (1 << shift) - 1
+    pair_rank = [get(piece[starts[i]:starts[i + 2]], -1) for i in range(m - 1)] + [-1]
+    heap = [r << shift | i for i, r in enumerate(pair_rank) if r >= 0]
+    heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
+    while heap:
+        key = pop(heap)
+        rank, i = key >> shift, key & mask
+        if pair_rank[i] != rank:                     # stale: this pair was merged or changed
+            continue
+        j = nxt[i]                                   # merge parts i and j into i
+        k = nxt[j]
+        part_ids[i] = rank
+        nxt[i], prv[k], pair_rank[j] = k, i, -1
+        r = get(piece[starts[i]:starts[nxt[k]]], -1) if k < m else -1
+        pair_rank[i] = r
+        if r >= 0:
+            push(heap, r << shift | i)
+        p = prv[i]
+        if p >= 0:
+            r = pair_rank[p] = get(piece[starts[p]:starts[k]], -1)
+            if r >= 0:
+                push(heap, r << shift | p)
+    out, i = [], 0
+    while i < m:
+        out.append(part_ids[i])
+        i = nxt[i]
+    return out
+
+
+def pair_table(ranks):
+    """For ``_merge_rounds``: every pair of tokens whose concatenation is a token, as sorted keys
+    ``left * V + right`` and the ranks they merge to, plus single-byte ranks and token lengths.
+    None when two tokens share a rank (then only ``_merge_heap`` is exact)."""
+    values = np.fromiter(ranks.values(), np.int64, len(ranks))
+    if len(np.unique(values)) != len(values):
+        return None
+    V, get = int(values.max()) + 1, ranks.get
+    keys, merged = [], []
+    for token, r in ranks.items():
+        for k in range(1, len(token)):
+            a = get(token[:k])
+            b = get(token[k:]) if a is not None else None
+            if b is not None:
+                keys.append(a * V + b)
+                merged.append(r)
+    keys, merged = np.array(keys, np.int64), np.array(merged, np.int64)
+    order = np.argsort(keys)
+    lengths = np.zeros(V, np.int64)
+    lengths[values] = [len(t) for t in ranks]
+    byte_ids = np.array([ranks[b] for b in _BYTES], np.int64)
+    return keys[order], merged[order], V, lengths, byte_ids
+
+
+def _merge_rounds(piece, ranks, table):
+    """BPE of a long ``piece`` in NumPy rounds, then ``_merge_heap`` for what is left.
+
+    A round takes the lowest pair rank r and merges all its pairs at once, left to right, skipping
+    a pair that overlaps the one merged just before it. That is what one-at-a-time merging does
+    when every pair the round makes (final, or briefly between two of its merges) ranks above r:
+    then the rank-r pairs stay the lowest until all are merged (a pair holding r's bytes and more
+    is never r again). A round that would make a lower pair is not applied: the heap finishes from
+    the state before it. Rounds pay off while each merges many pairs (1 MB of "a": aa, then aaaa);
+    after ``SMALL_ROUNDS`` rounds that merge few, the heap takes over."""
+    keys, merged, V, lengths, byte_ids = table
+
+    def lookup(left, right):                         # rank of each pair, _NO_PAIR if none
+        q = left * V + right
+        at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+        return np.where(keys[at] == q, merged[at], _NO_PAIR)
+
+    ids = byte_ids[np.frombuffer(piece, np.uint8)]
+    pair_ranks = lookup(ids[:-1], ids[1:])
+    small = 0
+    while len(pair_ranks):
+        r = pair_ranks.min()
+        if r == _NO_PAIR:
+            return ids.tolist()
+        at = np.flatnonzero(pair_ranks == r)
+        if len(at) * 64 < len(ids):
+            small += 1
+            if small > SMALL_ROUNDS:
+                break
+        if len(at) > 1:                              # in a run of adjacent pairs keep the 1st, 3rd, ...
+            n = np.arange(len(at))
+            run_start = np.maximum.accumulate(np.where(np.diff(at, prepend=-2) != 1, n, 0))
+            at = at[(n - run_start) % 2 == 0]
+        chained = at[:-1][np.diff(at) == 2]          # merged, and so is the pair two parts on
+        if len(chained) and lookup(np.full(len(chained), r), ids[chained + 2]).min() < r:
+            break                                    # a brief pair (r's token, next part) ranks below r
+        new_ids = np.delete(ids, at + 1)
+        new_ids[at - np.arange(len(at))] = r
+        new_pair_ranks = np.delete(pair_ranks, at)   # the pair after each merged one moves into its place
+        new = at - np.arange(len(at))                # merged parts' new indices
+        touched = np.concatenate((new - 1, new))
+        touched = touched[(touched >= 0) & (touched < len(new_pair_ranks))]
+        changed = lookup(new_ids[touched], new_ids[touched + 1])
+        if len(changed) and changed.min() < r:
+            break                                    # a new pair ranks below r: not one round
+        new_pair_ranks[touched] = changed
+        ids, pair_ranks = new_ids, new_pair_ranks
+    starts = np.concatenate(([0], np.cumsum(lengths[ids])[:-1]))
+    return _merge_heap(piece, ranks, starts.tolist(), ids.tolist())
