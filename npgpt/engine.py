@@ -241,7 +241,7 @@ class Tensor:
         if self._freed:
             raise RuntimeError("backward() through a graph that was already freed; call "
                                "backward(retain_graph=True) the first time to go through it twice")
-        order = self._topological_order()
+        order = self.topological_order()
         self._accumulate(grad)
         for node in reversed(order):  # outputs first: each node's grad is complete when reached
             if node._backward is None:
@@ -253,8 +253,10 @@ class Tensor:
             if not node._retain:
                 node.grad, node._grad_owned = None, False
 
-    def _topological_order(self):
-        """Nodes reachable from self, each after all of its inputs (iterative DFS, no recursion)."""
+    def topological_order(self, every_input=False):
+        """Nodes reachable from self, each after all of its inputs (iterative DFS, no recursion):
+        the nodes that need a gradient (what ``backward`` walks), or with ``every_input`` every
+        input, constants included, first inputs first (what ``npgpt.viz.graph`` draws)."""
         order, visited = [], set()
         stack = [(self, False)]
         while stack:
@@ -269,8 +271,8 @@ class Tensor:
                 continue
             visited.add(id(node))
             stack.append((node, True))
-            for p in node._prev:
-                if p.requires_grad and id(p) not in visited:
+            for p in (reversed(node._prev) if every_input else node._prev):
+                if (every_input or p.requires_grad) and id(p) not in visited:
                     stack.append((p, False))
         return order
 

@@ -49,7 +49,7 @@ def graph(tensor, params=None, path=None, format=None, rankdir="TB"):
         raise ValueError("this graph was freed by backward(); draw it before calling backward() "
                          "(or call backward(retain_graph=True))")
     names = {id(p): name for name, p in (params or {}).items()}
-    nodes = _nodes_inputs_first(tensor)
+    nodes = tensor.topological_order(every_input=True)
     ids = {id(t): f"n{i}" for i, t in enumerate(nodes)}
     lines = [
         "digraph autograd {",
@@ -67,24 +67,6 @@ def graph(tensor, params=None, path=None, format=None, rankdir="TB"):
     if path is not None:
         render(dot, path, format)
     return dot
-
-
-def _nodes_inputs_first(root):
-    """Every tensor reachable from ``root`` through ``_prev``, each after its inputs (iterative DFS)."""
-    order, seen, stack = [], set(), [(root, False)]
-    while stack:
-        node, inputs_done = stack.pop()
-        if inputs_done:
-            order.append(node)
-            continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.append((node, True))
-        for p in reversed(node._prev):
-            if id(p) not in seen:
-                stack.append((p, False))
-    return order
 
 
 def _node_attrs(t, param_name, is_output):
