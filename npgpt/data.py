@@ -94,8 +94,13 @@ def check_meta(meta, path="meta.json", data_dir="DIR"):
 
 def load_split(data_dir, split):
     """Memory-map ``{split}.bin`` ("train" or "val") as a flat array of token ids, checked against
-    ``meta.json``: a whole number of ids, at least 2, all below vocab_size (DataError otherwise)."""
+    ``meta.json``: a whole number of ids, at least 2, all below vocab_size (DataError otherwise).
+    A sharded directory (meta.json lists "shards", ``npgpt.shards``) gives a ``ShardedTokens``: one
+    stream over the memory-mapped shards with what training uses of an array (``len``, slices
+    ``data[i:j]`` across shard boundaries, ``np.asarray(data)``)."""
     meta = load_meta(data_dir)
+    if "shards" in meta:
+        return _load_shards(meta, data_dir, split)
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {_redo(data_dir)}")
@@ -114,11 +119,40 @@ def load_split(data_dir, split):
     return data
 
 
+def _load_shards(meta, data_dir, split):
+    """A sharded split (``npgpt.shards``) as one ``ShardedTokens`` stream, checked as a .bin is: every
+    indexed shard present with its token count, at least 2 tokens, ids below vocab_size."""
+    from .shards import ShardedTokens
+    index = os.path.join(data_dir, "meta.json")
+    if meta.get("complete") is False:
+        raise DataError(f"{data_dir} holds an unfinished npgpt prepare (interrupted): re-run the same npgpt prepare "
+                        f"command to resume it at its last finished shard")
+    records = meta["shards"].get(split) if isinstance(meta["shards"], dict) else None
+    if not isinstance(records, list):
+        raise DataError(f"{index}: 'shards' has no list for the {split} split: {_redo(data_dir)}")
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    paths = []
+    for record in records:
+        path = os.path.join(data_dir, str(record.get("file")))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} (a shard listed in {index}) not found: {_redo(data_dir)}")
+        if os.path.getsize(path) != record.get("tokens", -1) * dtype.itemsize:
+            raise DataError(f"{path} holds {os.path.getsize(path)} bytes, but {index} lists {record.get('tokens')} "
+                            f"{dtype.name} ids: it is truncated or from another preparation: {_redo(data_dir)}")
+        paths.append(path)
+    data = ShardedTokens(paths, [r["tokens"] for r in records], dtype)
+    if len(data) < 2:
+        raise DataError(f"the {split} shards of {data_dir} hold {len(data)} tokens; a split needs at least 2: "
+                        f"give more text or another --val_fraction: {_redo(data_dir)}")
+    _check_ids(data, meta["vocab_size"], os.path.join(data_dir, f"{split}_*.bin"), data_dir)
+    return data
+
+
 def _check_ids(data, vocab_size, path, data_dir):
     """Every id of ``data`` below ``vocab_size``: all of them for a file of at most
     FULL_ID_CHECK_BYTES, else ID_CHECK_SAMPLES evenly spaced slices of 1 MiB."""
     if data.nbytes <= FULL_ID_CHECK_BYTES:
-        chunks = [data]
+        chunks = [data[0:len(data)]]                        # (a ShardedTokens slice: one array)
     else:
         width = (1 << 20) // data.itemsize
         starts = np.linspace(0, len(data) - width, ID_CHECK_SAMPLES).astype(np.int64)
