@@ -168,7 +168,7 @@ def test_sigkill_after_the_first_shard_resumes_to_the_same_bytes(tmp_path):
 
 
 def test_training_on_shards_equals_training_on_single_files(tmp_path):
-    from tests.test_train import tiny_cfg
+    from test_train import tiny_cfg          # tests/ is on sys.path (pytest prepends a test file's folder)
     single = tiny_cfg(tmp_path / "a")
     sharded_dir = sharded_copy(single.data, tmp_path / "sharded", 97)
     assert isinstance(load_split(single.data, "train"), np.memmap)          # the single-file layout still loads
@@ -181,7 +181,7 @@ def test_training_on_shards_equals_training_on_single_files(tmp_path):
 
 
 def test_sharded_load_errors(tmp_path):
-    from tests.test_train import make_char_data
+    from test_train import make_char_data
     d = sharded_copy(make_char_data(str(tmp_path / "single")), tmp_path / "s", 500)
     os.remove(os.path.join(d, "val_000000.bin"))
     with pytest.raises(FileNotFoundError, match="val_000000.bin"):
