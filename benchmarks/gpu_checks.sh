@@ -22,7 +22,7 @@ for stage in $STAGES; do
   case $stage in
     kernels)
       timeout "${KERNEL_TIMEOUT:-150}" $PYTEST -m "cupy and not slow" -n 4 \
-        tests/test_kernels.py tests/test_attention.py tests/test_mixed_precision.py tests/test_train.py 2>&1 \
+        tests/test_kernels.py tests/test_attention.py tests/test_optim.py tests/test_mixed_precision.py tests/test_train.py 2>&1 \
         | tee "$OUT/kernel_tests.log" | tail -25 ;;
     probe)
       timeout "${PROBE_TIMEOUT:-90}" python3 benchmarks/gpu_probe.py 2>&1 | tee "$OUT/probe.txt" | tail -40 ;;
