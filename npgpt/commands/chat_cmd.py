@@ -45,11 +45,8 @@ def answer(model, tok, ckpt, question, max_new_tokens, write=None, input="", **s
 
 
 def run_chat(args):
-    from .. import backend
     from ..checkpoint import CheckpointError
     from .sample_cmd import check_question, load_for_sampling, sampling_kwargs, writer
-    if args.device == "cuda":
-        backend.use("cupy")
     try:
         knobs = sampling_kwargs(args)
         if args.prompt is not None:

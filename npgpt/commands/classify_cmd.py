@@ -80,11 +80,8 @@ def classify(args, out=print, note=None):
 
 
 def run_classify(args):
-    from .. import backend
     from ..checkpoint import CheckpointError
     try:
-        if args.device == "cuda":
-            backend.use("cupy")
         classify(args)
     except (CheckpointError, ValueError, KeyError, OSError) as e:
         print(f"npgpt classify: error: {e.args[0] if e.args else e}", file=sys.stderr)

@@ -98,11 +98,8 @@ def evaluate(args, log=print):
 
 
 def run_eval(args):
-    from .. import backend
     from ..checkpoint import CheckpointError
     try:
-        if args.device == "cuda":
-            backend.use("cupy")
         evaluate(args)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"npgpt eval: error: {e}", file=sys.stderr)

@@ -129,10 +129,7 @@ def print_samples(out_dir, start, num_samples, max_new_tokens, temperature, top_
 
 
 def run_sample(args):
-    from .. import backend
     from ..checkpoint import CheckpointError
-    if args.device == "cuda":
-        backend.use("cupy")
     start = args.start
     try:
         knobs = sampling_kwargs(args)
