@@ -167,7 +167,8 @@ def train(cfg, log=print):
 def _train(cfg, meta, splits, log):
     # the model and its optimizer: new, from weights, or resumed with the step, best val loss and random streams
     cfg, model, opt, start_iter, best_val, evals_since_best, batch_rng = init_or_resume(cfg, meta, log)
-    check_split_lengths(splits, cfg)
+    if cfg.init_from == "resume":        # block_size now the checkpoint's (other runs were checked in train)
+        check_split_lengths(splits, cfg)
     run_log = RunLog(cfg, start_iter, log, model)
     next_batch = batch_source(splits["train"], cfg, start_iter, batch_rng, log)
     losses, iter_num, stopped, lr = {}, start_iter, None, None
