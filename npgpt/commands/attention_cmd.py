@@ -40,15 +40,13 @@ def run_attention(args):
     import numpy as np
     from ..checkpoint import CheckpointError
     from ..tokenizer import load_tokenizer_from_meta
-    from ..train import load_model
+    from ..loading import load_model
     from ..viz import attention_weights, plot_attention, token_labels
+    from .sample_cmd import read_text_file
     text = args.text
-    if text.startswith("FILE:"):
-        if not os.path.isfile(text[5:]):
-            return _error(f"{text[5:]} not found")
-        with open(text[5:], encoding="utf-8") as f:
-            text = f.read()
     try:
+        if text.startswith("FILE:"):
+            text = read_text_file(text[5:], "--text FILE:")
         model, ckpt = load_model(args.out_dir)
         tok = load_tokenizer_from_meta(ckpt["meta"])
         ids = tok.encode(text)
