@@ -8,11 +8,16 @@ layers and the optimizers are written once.
 Choose the backend with ``npgpt.backend.use("numpy" | "cupy")`` or the environment variable
 ``NPGPT_BACKEND`` (read at import). The default float dtype (float32 for training, float64 for
 gradient checks) is set with ``set_default_dtype`` or the ``default_dtype`` context manager.
+
+On import, host memory freed by NumPy arrays is kept in the process for the next step's arrays
+(``allocator.py``: without it a training step page-faults all its activations in again).
 """
 import contextlib
 import os
 
 import numpy as np
+
+from .allocator import keep_freed_memory
 
 __all__ = [
     "use", "name", "xp", "get_xp", "get_array_module", "to_numpy", "to_device", "is_cupy_available",
@@ -302,6 +307,7 @@ def _cublas_bmm(a, b, trans_a, trans_b, out, dtype, alpha, accumulate):
     return c
 
 
+keep_freed_memory()
 _env = os.environ.get("NPGPT_BACKEND")
 if _env:
     use(_env.strip().lower())

@@ -61,6 +61,9 @@ def _add_device(parser):
     if not any("--device" in a.option_strings for a in parser._actions):
         parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                             help="where to compute: cpu (NumPy) or cuda (CuPy); same as --backend")
+    if not any("--threads" in a.option_strings for a in parser._actions):
+        parser.add_argument("--threads", type=int, default=None,
+                            help="CPU threads (default: $NPGPT_THREADS, else the cores other processes leave free)")
 
 
 def build_parser():
@@ -73,6 +76,9 @@ def build_parser():
                         help="array backend for any subcommand (default: $NPGPT_BACKEND or numpy)")
     parser.add_argument("--device", dest="global_device", choices=["cpu", "cuda"], default=None,
                         help="cpu (NumPy) or cuda (CuPy): the same as --backend numpy|cupy")
+    parser.add_argument("--threads", dest="global_threads", type=int, default=None,
+                        help="CPU threads for any subcommand (default: $NPGPT_THREADS, else the cores other "
+                             "processes leave free)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in SUBCOMMAND_MODULES:
         importlib.import_module(mod).register(sub)
@@ -113,15 +119,26 @@ def main(argv=None):
         parser.print_help()
         return 2
     from . import backend
+    from .threads import use_threads
     try:
         device = {"numpy": "cpu", "cupy": "cuda"}.get(args.backend) or args.global_device
-        if args.command == "train":     # train's own --device knob decides; a global one becomes it
-            if device and not any(o.startswith("--device") for o in args.overrides):
-                args.overrides.append(f"--device={device}")
-        elif getattr(args, "device", None) or device:
-            backend.use({"cpu": "numpy", "cuda": "cupy"}[getattr(args, "device", None) or device])
+        threads = getattr(args, "threads", None) or args.global_threads
+        if args.command == "train":     # train's own --device and --threads knobs decide; global ones become them
+            for name, value in (("device", device), ("threads", threads)):
+                if value and not any(o.startswith(f"--{name}") for o in args.overrides):
+                    args.overrides.append(f"--{name}={value}")
+        else:
+            if getattr(args, "device", None) or device:
+                backend.use({"cpu": "numpy", "cuda": "cupy"}[getattr(args, "device", None) or device])
+            if args.command in _COMPUTING or threads is not None:
+                use_threads(threads or 0)
         return args.func(args) or 0
     except backend.BackendError as e:
+        print(f"npgpt: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:             # a bad --threads or $NPGPT_THREADS (subcommands catch their own)
+        if "threads" not in str(e).lower():
+            raise
         print(f"npgpt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

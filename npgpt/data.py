@@ -179,8 +179,7 @@ def get_batch(data, batch_size, block_size, rng):
         raise ValueError(f"the data has {len(data)} tokens, too few for block_size {block_size}: "
                          f"use a smaller block_size or more text")
     ix = rng.integers(0, n, size=batch_size)                              # (B,)
-    win = np.stack([np.asarray(data[i:i + block_size + 1]) for i in ix])   # (B, T+1)
-    win = win.astype(np.int64)
+    win = np.asarray(data[ix[:, None] + np.arange(block_size + 1)], dtype=np.int64)   # (B, T+1) one gather
     return backend.to_device(win[:, :-1]), backend.to_device(win[:, 1:])  # (B, T), (B, T)
 
 

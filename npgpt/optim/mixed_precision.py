@@ -22,10 +22,13 @@ On CuPy every scalar above stays on the GPU (0-d arrays), and the per-element pa
 of the AdamW kernel per param group, so a step costs the norm's passes, those launches and a few
 tiny scalar launches, and never copies to the host. On NumPy the same formulas run as ufuncs.
 """
+from functools import partial
+
 import numpy as np
 
 from .. import backend
 from ..layers import _cuda
+from ..layers._threads import run_chunked
 from .adamw import AdamW, adamw_kernel, adamw_update, group_scalars, scalar
 from .base import Optimizer, host_copy
 from .clip import global_grad_norm
@@ -153,8 +156,8 @@ class FlatAdamW(Optimizer):
                 adamw_kernel(xp, self.flat.grad[sl], master, self.exp_avg[sl], self.exp_avg_sq[sl], param,
                              apply=ok, **args)
                 continue
-            adamw_update(master, self.flat.grad[sl], self.exp_avg[sl], self.exp_avg_sq[sl],
-                         self._flat_scratch[sl], **args)
+            run_chunked(partial(adamw_update, **args), master, self.flat.grad[sl], self.exp_avg[sl],
+                        self.exp_avg_sq[sl], self._flat_scratch[sl])          # elementwise: split over threads
             if self.mixed:
                 param[...] = master                                 # refresh the fp16 model copy
         self._update_scale(ok)
