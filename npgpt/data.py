@@ -179,7 +179,10 @@ def get_batch(data, batch_size, block_size, rng):
         raise ValueError(f"the data has {len(data)} tokens, too few for block_size {block_size}: "
                          f"use a smaller block_size or more text")
     ix = rng.integers(0, n, size=batch_size)                              # (B,)
-    win = np.asarray(data[ix[:, None] + np.arange(block_size + 1)], dtype=np.int64)   # (B, T+1) one gather
+    if isinstance(data, np.ndarray):                                      # arrays and memmaps: one gather
+        win = np.asarray(data[ix[:, None] + np.arange(block_size + 1)], dtype=np.int64)   # (B, T+1)
+    else:                                                                  # e.g. shards.ShardedTokens: slices
+        win = np.stack([np.asarray(data[i:i + block_size + 1]) for i in ix]).astype(np.int64)
     return backend.to_device(win[:, :-1]), backend.to_device(win[:, 1:])  # (B, T), (B, T)
 
 

@@ -241,12 +241,13 @@ def save_hf(model, path, meta=None):
     """Write ``model`` to the directory ``path`` as a Hugging Face GPT-2: ``config.json`` and
     ``model.safetensors`` with ``transformer.``-prefixed keys. The LM head is left out, as
     transformers saves a tied head (``tie_word_embeddings``), so ``GPT2LMHeadModel.from_pretrained``
-    reports no missing weights. ``meta`` (a tokenizer description such as a checkpoint's ``meta``)
+    reports no missing weights. A padded token table is written without its padding rows. ``meta`` (a tokenizer description such as a checkpoint's ``meta``)
     goes to ``npgpt_meta.json`` when it is not GPT-2's BPE. Returns ``path``."""
     _require_safetensors()
     from safetensors.numpy import save_file
     cfg = hf_config_dict(model)
     tensors = {name: np.ascontiguousarray(backend.to_numpy(p.data)) for name, p in model.named_parameters()}
+    tensors = {name: np.ascontiguousarray(a) for name, a in model.unpadded(tensors).items()}  # (V, C) wte
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:

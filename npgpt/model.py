@@ -4,6 +4,16 @@ A decoder-only transformer: token + position embeddings, ``n_layer`` pre-LN bloc
 multi-head attention and a 4x GELU MLP, a final LayerNorm and an LM head tied to the token
 embedding (Press & Wolf 2017). Parameter names follow GPT-2's (``transformer.wte.weight``,
 ``transformer.h.0.attn.c_attn.weight``, ...), so Hugging Face checkpoints map by name.
+
+Vocabulary padding (``GPTConfig.vocab_multiple``, as llm.c's padded_vocab_size): the token table
+gets zero rows up to a multiple of vocab_multiple (GPT-2's 50257 -> 50304 = 786 x 64), so the LM
+head's GEMM has an output width the GPU's tiles divide. The padding is invisible from outside: the
+loss masks the padding logits out of the softmax (``cross_entropy(..., vocab_size=V)``), so they
+get no gradient and their rows stay zero (AdamW's decay keeps zeros zero); ``forward`` returns the V
+real logits (sampling and evaluation never see the padding); ``state_dict`` and Hugging Face export
+hold (V, C) tables and ``load_state_dict`` pads them again; ``num_params`` counts the real rows. The
+optimizer's moments keep the padded layout, which ``model_config`` (holding vocab_multiple) rebuilds
+on resume.
 """
 import math
 from dataclasses import dataclass, asdict, fields
@@ -13,7 +23,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .engine import Tensor
-from .nn import Module, ModuleList, Embedding, LayerNorm, Block, cache_len
+from .nn import Module, ModuleList, Embedding, LayerNorm, Block, Parameter, cache_len
 from .optim import AdamW, FlatAdamW, decay_groups
 from .sampling import generate, generate_stream
 
@@ -22,7 +32,8 @@ __all__ = ["GPTConfig", "GPT"]
 
 @dataclass
 class GPTConfig:
-    """Model shape. ``pos`` is "learned" (GPT-2) or "sinusoidal" (Vaswani et al. 2017, sec. 3.5)."""
+    """Model shape. ``pos`` is "learned" (GPT-2) or "sinusoidal" (Vaswani et al. 2017, sec. 3.5).
+    ``vocab_multiple``: pad the token table's rows to a multiple of this (1: no padding; module docstring)."""
     vocab_size: int = 65
     block_size: int = 64
     n_layer: int = 4
@@ -31,9 +42,10 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     pos: str = "learned"
+    vocab_multiple: int = 1
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
@@ -43,6 +55,11 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos not in ("learned", "sinusoidal"):
             raise ValueError(f"pos must be 'learned' or 'sinusoidal', got {self.pos!r}")
+
+    @property
+    def padded_vocab_size(self):
+        """vocab_size rounded up to a multiple of vocab_multiple: the token table's rows."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def to_dict(self):
         return asdict(self)
@@ -69,6 +86,11 @@ def sinusoidal_positions(T, C):
 class _Transformer(Module):
     def __init__(self, cfg):
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd)
+        pad = cfg.padded_vocab_size - cfg.vocab_size
+        if pad:   # zero rows below the real ones (the real rows draw the same numbers as without padding)
+            table = self.wte.weight.data
+            zeros = backend.xp.zeros((pad, cfg.n_embd), dtype=table.dtype)
+            self.wte.weight = Parameter(backend.xp.concatenate([table, zeros]))   # (Vp, C)
         if cfg.pos == "learned":
             self.wpe = Embedding(cfg.block_size, cfg.n_embd)
         self.h = ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
@@ -101,10 +123,14 @@ class GPT(Module):
         """Logits for every position; with ``cache`` (a list of one dict per layer, from
         ``new_cache()``) earlier positions come from the cache and ``idx`` holds only new ones."""
         x = self.hidden_states(idx, cache)                                       # (B, T, C)
-        logits = F.linear(x, self.lm_head_weight.T)                              # (B, T, V)
+        logits = F.linear(x, self.lm_head_weight.T)                              # (B, T, Vp)
+        V = self.config.vocab_size
+        padded = logits.shape[-1] > V
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits, backend.to_device(targets))
+        if targets is not None:   # the padding columns are left out of the softmax
+            loss = F.cross_entropy(logits, backend.to_device(targets), vocab_size=V if padded else None)
+        if padded:
+            logits = logits[..., :V]                                             # (B, T, V) a view
         return logits, loss
 
     def hidden_states(self, idx, cache=None):
@@ -136,6 +162,36 @@ class GPT(Module):
         for i, block in enumerate(tr.h):
             x = block(x, None if cache is None else cache[i])
         return tr.ln_f(x)                                                        # (B, T, C)
+
+    # ---- vocabulary padding: invisible outside the model ---------------------------------------------
+
+    def unpadded(self, state):
+        """``state`` (name -> array) with the token table cut to its vocab_size real rows (a view)."""
+        name = "transformer.wte.weight"
+        if name in state and np.shape(state[name])[0] > self.config.vocab_size:
+            state = {**state, name: state[name][:self.config.vocab_size]}
+        return state
+
+    def state_dict(self):
+        """Name -> NumPy array of every parameter, the token table without its padding rows."""
+        return self.unpadded(super().state_dict())
+
+    def load_state_dict(self, state, strict=True):
+        """``Module.load_state_dict``, with a token table of vocab_size rows (or already padded)
+        padded with zero rows to this model's table."""
+        name, wte = "transformer.wte.weight", self.transformer.wte.weight
+        if name in state and wte.shape[0] > self.config.vocab_size and np.ndim(state[name]) == 2:
+            table = backend.to_numpy(state[name])[:self.config.vocab_size]
+            if table.shape[0] == self.config.vocab_size:
+                padded = np.zeros((wte.shape[0], table.shape[1]), dtype=table.dtype)
+                padded[:table.shape[0]] = table
+                state = {**state, name: padded}
+        return super().load_state_dict(state, strict)
+
+    def num_params(self):
+        """Number of scalar parameters, shared ones once and the token table's padding rows not at all."""
+        wte = self.transformer.wte.weight
+        return super().num_params() - (wte.shape[0] - self.config.vocab_size) * wte.shape[1]
 
     def new_cache(self):
         """An empty KV cache: one dict per layer, filled with keys/values (B, NH, T, hs) as tokens arrive."""

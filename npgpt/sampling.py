@@ -156,9 +156,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 @no_grad()
 def logits_last(model, idx, cache=None):
-    """Logits (B, V) of the last position, as an array."""
+    """Logits (B, V) of the last position, as an array; never a padded vocabulary's padding columns
+    (the model already cuts them off; cut again here, a no-op view, so no sampler can draw one)."""
     logits, _ = model(idx, cache=cache)
-    return logits.data[:, -1, :]
+    return logits.data[:, -1, :model.config.vocab_size]
 
 
 # ---- text as it comes ---------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def test_dispatch(monkeypatch):
         attention.set_impl(old)
     assert calls == ["materialized", "chunked", "materialized"]
     with pytest.raises(ValueError, match="materialized"):
-        attention.set_impl("flash")
+        attention.set_impl("flashy")
 
 
 def test_block_rows(monkeypatch):

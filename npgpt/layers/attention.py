@@ -42,7 +42,9 @@ dropout_p == 0 and Tq >= the tuning constant ``attention_chunked_min_t`` (``laye
 measured in benchmarks/RESULTS.md, "Tuning constants"); the materialized path otherwise.
 ``NPGPT_ATTENTION=materialized|chunked`` (or ``set_impl``) forces one (the chunked one only where it
 applies) so GPU runs can measure which wins. On CuPy the chunked path's per-block elementwise work
-runs as CUDA kernels (off with NPGPT_CUDA_KERNELS=0).
+runs as CUDA kernels (off with NPGPT_CUDA_KERNELS=0). ``NPGPT_ATTENTION=flash`` runs the tensor-core
+FlashAttention-2 kernels of ``flash_attention.py`` where they apply (CuPy, float16, hs 32/64/128);
+"auto" does not pick them until they are measured on a GPU.
 
 float16: q, k, v, y and every gradient stay float16, but scores, softmax, lse, dP, dS and the
 dk/dv accumulators are float32 (scores of size ~|q||k| lose ~1e-3 relative in float16, and
@@ -62,6 +64,7 @@ from ..ops import sum_to_shape
 from ._attention_common import causal_bias, row_dot, score_dtype_of
 from ._threads import run_chunked
 from .attention_chunked import attention_chunked
+from .flash_attention import flash_attention, use_flash
 from .softmax import softmax_array, softmax_backward_rows, softmax_reference
 from .tuning import tuned
 
@@ -151,16 +154,18 @@ def _broadcast_bmm(a, b, trans_a=False, trans_b=False, dtype=None, alpha=1.0):
 
 # ---- dispatch: materialized or chunked ----------------------------------------------------------
 
-IMPLS = ("auto", "materialized", "chunked")
+IMPLS = ("auto", "materialized", "chunked", "flash")
 _impl = os.environ.get("NPGPT_ATTENTION", "auto").strip().lower() or "auto"
 if _impl not in IMPLS:
     raise ValueError(f"NPGPT_ATTENTION={_impl!r}: use one of {', '.join(IMPLS)}")
 
 
 def set_impl(impl):
-    """Choose the attention implementation: "auto" (default), "materialized" or "chunked"
-    (the chunked one only runs where it applies: causal, no attn_mask, no dropout). Returns the
-    previous choice. Same as the environment variable ``NPGPT_ATTENTION``."""
+    """Choose the attention implementation: "auto" (default), "materialized", "chunked" or "flash"
+    (the chunked one only runs where it applies: causal, no attn_mask, no dropout; "flash", the
+    tensor-core kernels of ``flash_attention.py``, only there and on CuPy in float16 with hs 32/64/128,
+    else "auto" decides). Returns the previous choice. Same as the environment variable
+    ``NPGPT_ATTENTION``."""
     global _impl
     if impl not in IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}: use one of {', '.join(IMPLS)}")
@@ -188,6 +193,8 @@ def scaled_dot_product_attention(q, k, v, is_causal=True, attn_mask=None, dropou
     chunkable = (is_causal and attn_mask is None and dropout_p == 0.0
                  and q.shape[:-2] == k.shape[:-2] == v.shape[:-2])  # no broadcasting over (B, NH)
     min_t = tuned(get_array_module(q.data), "attention_chunked_min_t")
+    if chunkable and _impl in ("auto", "flash") and use_flash(q.data, k.data, v.data, forced=_impl == "flash"):
+        return flash_attention(q, k, v)
     if chunkable and (_impl == "chunked" or (_impl == "auto" and Tq >= min_t)):
         return attention_chunked(q, k, v)
     return attention_materialized(q, k, v, is_causal, attn_mask, dropout_p)

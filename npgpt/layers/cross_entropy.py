@@ -18,6 +18,11 @@ Shapes: logits (..., V), targets (...) -> loss (); dlogits like logits.
 float16 logits: the log-softmax is computed in float32, the loss is float32 and dlogits float16.
 A target outside [0, V) that is not ``ignore_index`` raises ValueError on NumPy; on CuPy, where
 checking would make the host wait for the GPU, such a row is left out and the loss is NaN.
+
+A padded vocabulary (``GPTConfig.vocab_multiple``: the LM head's rows padded to a multiple of 64 so
+its GEMM tiles evenly): ``vocab_size=V`` < the logits' width Vp makes only the first V columns classes.
+The padding columns are masked to -inf, i.e. left out of (X1), and their gradient in (X4) is 0 (p = 0
+there), so the loss and the real columns' gradients are exactly those of the (N, V) logits.
 """
 import numpy as np
 
@@ -32,11 +37,13 @@ __all__ = ["cross_entropy", "cross_entropy_reference"]
 
 # ---- reference: (X1)-(X3) composed from engine primitives ---------------------------------------
 
-def cross_entropy_reference(logits, targets, ignore_index=-100):
+def cross_entropy_reference(logits, targets, ignore_index=-100, vocab_size=None):
     """(X1)-(X3) from engine ops; autograd supplies (X4). The oracle for ``cross_entropy``."""
     from .. import ops
     V = logits.shape[-1]
     x = logits.reshape(-1, V)                                        # (N, V)
+    if vocab_size is not None and vocab_size < V:
+        x = x[:, :vocab_size]                                        # (N, vocab_size): no padding
     logp = x - x.max(axis=-1, keepdims=True)
     logp = logp - ops.log(ops.exp(logp).sum(axis=-1, keepdims=True))
     t = backend.to_numpy(targets).reshape(-1)
@@ -131,15 +138,15 @@ __device__ __forceinline__ bool ce_kept(long long t, int V, long long ignore) {
     return t != ignore && t >= 0 && t < V;
 }
 
-// One block per row r of x (N, V): lse[r] = log sum_j e^x[r, j] (X1); losses[r] = lse[r] - x[r, t[r]]
-// (X2), or 0 when t[r] is ignore_index or out of [0, V).
+// One block per row r of x (N, ld): lse[r] = log sum_{j < V} e^x[r, j] (X1); losses[r] = lse[r] - x[r, t[r]]
+// (X2), or 0 when t[r] is ignore_index or out of [0, V). Columns V .. ld-1 are vocabulary padding.
 extern "C" __global__ void npgpt_ce_fwd(const T* x, const long long* t, A* lse, A* losses, int V,
-                                        long long ignore) {
+                                        long long ignore, int ld) {
     __shared__ A sm[32], ss[32];
     __shared__ A res[2];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const long long r = blockIdx.x;
-    const T* xr = x + r * V;
+    const T* xr = x + r * ld;
     A m = neg_inf((A)0), s = 0;
     for (int c = threadIdx.x; c < V; c += blockDim.x) lse_add(m, s, to_acc(xr[c]));
     for (int o = 16; o > 0; o >>= 1) lse_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
@@ -184,18 +191,19 @@ extern "C" __global__ void npgpt_ce_mean(const long long* t, const A* losses, A*
     }
 }
 
-// One block per row: dx[r, j] = (e^(x[r, j] - lse[r]) - [j == t[r]]) * dloss * inv_n (X4), 0 for rows not kept.
+// One block per row: dx[r, j] = (e^(x[r, j] - lse[r]) - [j == t[r]]) * dloss * inv_n (X4), 0 for rows not
+// kept and for the padding columns j >= V of the (N, ld) arrays.
 extern "C" __global__ void npgpt_ce_bwd(const T* x, const long long* t, const A* lse, const A* dloss,
-                                        const A* inv_n, T* dx, int V, long long ignore) {
+                                        const A* inv_n, T* dx, int V, long long ignore, int ld) {
     const long long r = blockIdx.x;
     const long long tr = t[r];
     const bool kept = ce_kept(tr, V, ignore);
     const A scale = kept ? dloss[0] * inv_n[0] : (A)0;
     const A l = lse[r];
-    const T* xr = x + r * V;
-    T* dr = dx + r * V;
-    for (int c = threadIdx.x; c < V; c += blockDim.x)
-        put(dr + c, kept ? (ex(to_acc(xr[c]) - l) - (c == tr ? (A)1 : (A)0)) * scale : (A)0);
+    const T* xr = x + r * ld;
+    T* dr = dx + r * ld;
+    for (int c = threadIdx.x; c < ld; c += blockDim.x)
+        put(dr + c, kept && c < V ? (ex(to_acc(xr[c]) - l) - (c == tr ? (A)1 : (A)0)) * scale : (A)0);
 }
 """)
 
@@ -205,12 +213,14 @@ def _threads_per_row(V):
     return min(1024, 32 * cdiv(V, 32))
 
 
-def cross_entropy_forward_cuda(logits, targets, ignore_index=-100):
-    """(X1)-(X3) on CuPy: logits (N, V) float16/32/64, targets (N,) integers -> (loss, lse, inv_n):
+def cross_entropy_forward_cuda(logits, targets, ignore_index=-100, vocab_size=None):
+    """(X1)-(X3) on CuPy: logits (N, Vp) float16/32/64, targets (N,) integers -> (loss, lse, inv_n):
     the mean loss over the kept rows (0-d), the row logsumexp (N,) and 1/max(n, 1) (0-d), in
-    ``acc_dtype(logits.dtype)``. Out-of-range targets make the loss NaN; nothing is read back."""
+    ``acc_dtype(logits.dtype)``. Only the first ``vocab_size`` columns (default all) are classes.
+    Out-of-range targets make the loss NaN; nothing is read back."""
     xp = get_array_module(logits)
-    N, V = logits.shape
+    N, ld = logits.shape
+    V = ld if vocab_size is None else vocab_size
     acc = _cuda.acc_dtype(logits.dtype)
     x, t = contiguous(xp, logits), contiguous(xp, targets, np.int64)
     lse, losses = _cuda.empty(xp, (N,), acc), _cuda.empty(xp, (N,), acc)
@@ -218,50 +228,59 @@ def cross_entropy_forward_cuda(logits, targets, ignore_index=-100):
     ignore = np.int64(ignore_index)
     if N:
         _cuda.raw_kernel(xp, "npgpt_ce_fwd", x.dtype, _CUDA_SOURCE)(
-            (N,), (_threads_per_row(V),), (x, t, lse, losses, i32(V), ignore))
+            (N,), (_threads_per_row(V),), (x, t, lse, losses, i32(V), ignore, i32(ld)))
     _cuda.raw_kernel(xp, "npgpt_ce_mean", x.dtype, _CUDA_SOURCE)(
         (1,), (1024,), (t, losses, loss, inv_n, i32(N), i32(V), ignore))
     return loss, lse, inv_n
 
 
-def cross_entropy_backward_cuda(dloss, logits, targets, lse, inv_n, ignore_index=-100):
-    """(X4) on CuPy: dlogits (N, V) of the logits' dtype, 0 for rows not kept. dloss: the loss's
-    gradient (0-d, on the device, any float dtype)."""
+def cross_entropy_backward_cuda(dloss, logits, targets, lse, inv_n, ignore_index=-100, vocab_size=None):
+    """(X4) on CuPy: dlogits (N, Vp) of the logits' dtype, 0 for rows not kept and for the padding
+    columns beyond ``vocab_size``. dloss: the loss's gradient (0-d, on the device, any float dtype)."""
     xp = get_array_module(logits)
-    N, V = logits.shape
+    N, ld = logits.shape
+    V = ld if vocab_size is None else vocab_size
     acc = _cuda.acc_dtype(logits.dtype)
     x, t = contiguous(xp, logits), contiguous(xp, targets, np.int64)
     dloss = contiguous(xp, xp.asarray(dloss), acc).reshape(())
-    dx = _cuda.empty(xp, (N, V), x.dtype)
-    if N and V:
+    dx = _cuda.empty(xp, (N, ld), x.dtype)
+    if N and ld:
         _cuda.raw_kernel(xp, "npgpt_ce_bwd", x.dtype, _CUDA_SOURCE)(
-            (N,), (_threads_per_row(V),), (x, t, lse, dloss, inv_n, dx, i32(V), np.int64(ignore_index)))
+            (N,), (_threads_per_row(ld),), (x, t, lse, dloss, inv_n, dx, i32(V), np.int64(ignore_index), i32(ld)))
     return dx
 
 
 # ---- the graph node: CUDA kernels or array code -------------------------------------------------
 
-def cross_entropy(logits, targets, ignore_index=-100):
+def cross_entropy(logits, targets, ignore_index=-100, vocab_size=None):
     """Mean negative log-likelihood of ``targets`` under softmax(``logits``), (X1)-(X3) -> a 0-d Tensor.
     logits (..., V) Tensor, targets (...) integers (array or Tensor); positions whose target is
-    ``ignore_index`` are left out of the mean. Its backward is (X4)."""
+    ``ignore_index`` are left out of the mean. Its backward is (X4). ``vocab_size`` < V: only the
+    first vocab_size columns are classes, the rest vocabulary padding (-inf logits, zero gradient)."""
     xp = get_array_module(logits.data)
     V = logits.shape[-1]
+    if vocab_size is not None and not 0 < vocab_size <= V:
+        raise ValueError(f"vocab_size must lie in [1, {V}] (the logits' width), got {vocab_size}")
+    classes = V if vocab_size is None else vocab_size
     X = logits.data.reshape(-1, V)                          # (N, V)
     t = backend.to_device(targets.data if isinstance(targets, Tensor) else targets).reshape(-1)  # (N,)
     if t.shape[0] != X.shape[0]:
         raise ValueError(f"targets have {t.shape[0]} positions but logits {X.shape[0]} (shape {logits.shape})")
     if _cuda.use_cuda_kernels(xp, X):
         t = t.astype(np.int64, copy=False)                  # (N,)
-        loss, lse, inv_n = cross_entropy_forward_cuda(X, t, ignore_index)  # (), (N,), ()
+        loss, lse, inv_n = cross_entropy_forward_cuda(X, t, ignore_index, classes)  # (), (N,), ()
 
         def backward(dout):
-            dlogits = cross_entropy_backward_cuda(dout, X, t, lse, inv_n, ignore_index)  # (N, V)
+            dlogits = cross_entropy_backward_cuda(dout, X, t, lse, inv_n, ignore_index, classes)  # (N, V)
             logits._accumulate(dlogits.reshape(logits.shape), owned=True)
         return Tensor.from_op(loss, (logits,), backward, "cross_entropy")
-    loss, saved = cross_entropy_forward(X, t, ignore_index)
+    loss, saved = cross_entropy_forward(X[:, :classes] if classes < V else X, t, ignore_index)
 
     def backward(dout):
-        dlogits = cross_entropy_backward(dout, saved)       # (N, V)
+        dlogits = cross_entropy_backward(dout, saved)       # (N, classes)
+        if classes < V:                                     # the padding columns' gradient is 0
+            padded = xp.zeros((X.shape[0], V), dlogits.dtype)
+            padded[:, :classes] = dlogits
+            dlogits = padded
         logits._accumulate(dlogits.astype(logits.dtype, copy=False).reshape(logits.shape))   # (..., V)
     return Tensor.from_op(loss, (logits,), backward, "cross_entropy")
