@@ -14,6 +14,7 @@ when it is at most ``FULL_ID_CHECK_BYTES`` (a max over 256 MiB takes well under 
 ``ID_CHECK_SAMPLES`` evenly spread 1 MiB slices of a larger one: a full pass over a corpus larger
 than RAM at every start would cost more than it saves (``npgpt prepare`` writes in-range ids).
 """
+import contextlib
 import json
 import os
 
@@ -227,5 +228,29 @@ def ensure_prepared(data_dir, inputs=None, tokenizer="char"):
     if os.path.exists(os.path.join(data_dir, "meta.json")):
         return load_meta(data_dir)
     from .prepare import prepare
-    print(f"preparing {inputs or 'the bundled Shakespeare'} into {data_dir} ({tokenizer}-level) ...")
-    return prepare(inputs or [bundled_corpus_path()], data_dir, tokenizer=tokenizer)
+    os.makedirs(os.path.dirname(os.path.abspath(data_dir)), exist_ok=True)
+    with _exclusive(os.path.abspath(data_dir) + ".lock"):    # two runs started together prepare once
+        if os.path.exists(os.path.join(data_dir, "meta.json")):
+            return load_meta(data_dir)
+        print(f"preparing {inputs or 'the bundled Shakespeare'} into {data_dir} ({tokenizer}-level) ...")
+        return prepare(inputs or [bundled_corpus_path()], data_dir, tokenizer=tokenizer)
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """Hold an exclusive lock on the file ``path`` (POSIX ``flock``; elsewhere no lock), removing it after."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)          # waits while another process prepares
+        try:
+            yield
+        finally:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+            fcntl.flock(f, fcntl.LOCK_UN)

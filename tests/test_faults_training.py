@@ -310,3 +310,22 @@ def test_plot_skips_a_cut_off_last_line(tmp_path, capsys):
                                    '{"iter": 5, "loss": 2.5, "lr": 0.001}\n{"iter": 10, "lo')
     assert main(["plot", "--out_dir", str(out)]) == 0
     assert "skipped 1 unreadable line" in capsys.readouterr().err and (out / "loss.png").exists()
+
+
+def test_two_runs_started_together_prepare_the_default_data_once(tmp_path):
+    """Two processes that find the default data missing at the same moment: one prepares it, the other
+    waits for it (a lock beside the directory), and both read the same files."""
+    target = str(tmp_path / "data" / "shakespeare_char")
+    code = ("import sys, json; from npgpt.data import ensure_prepared; "
+            "print(json.dumps(ensure_prepared(sys.argv[1])['vocab_size']))")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", code, target], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    vocab = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(vocab) == 1
+    assert sum("preparing" in out for out, _ in outs) == 1
+    assert not os.path.exists(target + ".lock")
+    meta = json.load(open(os.path.join(target, "meta.json")))
+    assert str(meta["vocab_size"]) in vocab
