@@ -5,15 +5,27 @@
 #   probe:   GEMM / copy / launch ceilings and attention materialized vs chunked (benchmarks/gpu_probe.py),
 #   bench:   GPT-2 124M / small training throughput vs PyTorch (benchmarks/bench_gpu.py),
 #   train:   a short real run, Shakespeare with the GPT-2 tokenizer in fp16, then a sample;
-#   kernels: only the kernel, attention, mixed-precision and training tests (a quick first look).
+#   kernels: only the kernel, attention, mixed-precision and training tests (a quick first look);
+#   nccl:    NCCL through CuPy (benchmarks/nccl_smoke.py): communicator, all-reduce / reduce-scatter /
+#            all-gather on device buffers, one data-parallel step (plain and ZeRO-1) against the plain step,
+#            the bandwidth of a 256 MiB all-reduce; one rank per GPU under mpiexec when there are several;
+#   issue15: = kernels15 bench15, at most 4 minutes: the GPU work prepared without a GPU (issue 15),
+#     kernels15: flash attention, fused residual+layer norm and bias+GELU, CUDA graphs and padded-vocabulary
+#                cross-entropy against float64 NumPy, plus the existing kernel tests (~70 s),
+#     bench15:   fp16 GPT-2 124M and small: npgpt (padded vocab), +flash, +graphs, +both, unpadded, against
+#                torch-sdpa and torch.compile, MFU from the detected GPU, peak memory (~165 s);
+#     their logs are also copied to benchmarks/logs/gpu15_*_DATE.
 # Logs go to $OUT (default ./gpu-out). Each stage has its own time limit (seconds, env overridable).
-#   bash benchmarks/gpu_checks.sh [stages...]      (default: suite probe bench train)
+#   bash benchmarks/gpu_checks.sh [stages...]      (default: suite probe bench train nccl)
+#   bash benchmarks/gpu_checks.sh issue15          (issue 15's checks in <= 4 minutes)
 set -o pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NPGPT_HYPOTHESIS_PROFILE=${NPGPT_HYPOTHESIS_PROFILE:-quick}
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$PWD/.cupy-cache}
-STAGES=${*:-suite probe bench train}
+STAGES=${*:-suite probe bench train nccl}
+STAGES=${STAGES//issue15/kernels15 bench15}
+DAY=$(date -u +%F)
 PYTEST="python3 -m pytest -p no:cacheprovider -q -W ignore::DeprecationWarning"
 { date -u; nvidia-smi -L; python3 -c "import cupy, numpy, sys; print('python', sys.version.split()[0], 'cupy', cupy.__version__, 'numpy', numpy.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
 
@@ -34,10 +46,29 @@ for stage in $STAGES; do
         timeout "${TRAIN_TIMEOUT:-200}" python3 -m npgpt.cli train --config examples/shakespeare_gpt2_gpu.toml --progress=false ${TRAIN_ARGS}
         python3 -m npgpt.cli sample --out_dir out-shakespeare-gpt2-gpu --device cuda --start "ROMEO:" --max_new_tokens 120 --seed 1
         cp out-shakespeare-gpt2-gpu/log.jsonl "$OUT/train_log.jsonl"; } 2>&1 | tee "$OUT/train_gpu.log" | tail -30 ;;
+    kernels15)
+      timeout "${KERNELS15_TIMEOUT:-70}" $PYTEST -m cupy -n 4 tests/test_flash_attention.py tests/test_fused_layers.py \
+        tests/test_cuda_graphs.py tests/test_vocab_padding.py tests/test_kernels.py 2>&1 \
+        | tee "$OUT/kernels15.log" | tail -25
+      mkdir -p benchmarks/logs && cp "$OUT/kernels15.log" "benchmarks/logs/gpu15_kernels_$DAY.log" ;;
+    bench15)
+      timeout "${BENCH15_TIMEOUT:-165}" python3 benchmarks/bench_gpu.py --precisions fp16 --configs gpt2-124m small \
+        --frameworks npgpt npgpt-flash npgpt-graphs npgpt-flash-graphs npgpt-nopad torch-sdpa torch-compile \
+        --steps 8 --warmup 2 --max-seconds "${BENCH15_BUDGET:-155}" --timeout 120 --json "$OUT/bench15.json" 2>&1 \
+        | tee "$OUT/bench15.log" | tail -30
+      mkdir -p benchmarks/logs && cp "$OUT/bench15.log" "benchmarks/logs/gpu15_bench_$DAY.log"
+      if [ -f "$OUT/bench15.json" ]; then cp "$OUT/bench15.json" "benchmarks/logs/gpu15_bench_$DAY.json"; fi ;;
     suite)
       timeout "${SUITE_TIMEOUT:-240}" $PYTEST -m "cupy and not slow" -n 8 2>&1 \
         | tee "$OUT/cupy_tests.log" | tail -25 ;;
-    *) echo "unknown stage $stage (suite probe bench train kernels)" ;;
+    nccl)
+      { GPUS=$(nvidia-smi -L | wc -l)
+        if [ "$GPUS" -gt 1 ] && command -v mpiexec >/dev/null && python3 -c "import mpi4py" 2>/dev/null; then
+          timeout "${NCCL_TIMEOUT:-180}" mpiexec -n "$GPUS" python3 benchmarks/nccl_smoke.py --json "$OUT/nccl_smoke.json"
+        else
+          timeout "${NCCL_TIMEOUT:-180}" python3 benchmarks/nccl_smoke.py --json "$OUT/nccl_smoke.json"
+        fi; } 2>&1 | tee "$OUT/nccl_smoke.log" | tail -20 ;;
+    *) echo "unknown stage $stage (suite probe bench train kernels nccl kernels15 bench15 issue15)" ;;
   esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$OUT/gpu.txt"

@@ -20,12 +20,14 @@ import numbers
 import os
 from dataclasses import dataclass, fields
 
+from . import distributed
+from .cuda_graphs import graphed_train_step
 from .model import GPTConfig
 from .optim import get_lr
 from .loading import CKPT_NAME, load_model
 from .run_dir import TrainingDiverged, prepare_out_dir, remove_if_empty, sigterm_as_interrupt
-from .train_helpers import (BEST_NAME, RunLog, batch_source, check_split_lengths, estimate_loss, init_or_resume,
-                            load_data, save_run, train_step, use_backend)
+from .train_helpers import (BEST_NAME, RunLog, batch_source, check_split_lengths, data_parallel, estimate_loss,
+                            init_or_resume, load_data, save_run, train_step, use_backend)
 
 __all__ = ["TrainConfig", "train", "load_model", "estimate_loss", "CKPT_NAME", "BEST_NAME", "TrainingDiverged"]
 
@@ -70,8 +72,16 @@ class TrainConfig:
     dtype: str = "float32"                # float32 | float16 (mixed precision: fp32 master weights,
                                           # dynamic loss scaling) | float64 (checks)
     tf32: bool = False                    # float32 matmuls on TF32 tensor cores (cuda only)
+    threads: int = 0                      # CPU threads for BLAS and elementwise work (0: the cores other
+                                          # processes leave free, or $NPGPT_THREADS; npgpt/threads.py)
+    vocab_multiple: int = 0               # pad the token table to a multiple of this (0: auto = 64 on cuda,
+                                          # 1 = none on cpu); invisible in checkpoints (model.py)
+    cuda_graphs: str = "auto"             # capture and replay the training step (cuda_graphs.py):
+                                          # auto (= off until measured) | on | off
     progress: bool = True
     overwrite: bool = False               # a new run may replace the checkpoint already in out_dir
+    zero: bool = True                     # on more than one rank (mpiexec/srun): ZeRO-1, each rank keeps 1/N
+                                          # of the AdamW state (npgpt/distributed/zero.py); false: all-reduce
 
     def __post_init__(self):
         self._check_types()
@@ -113,8 +123,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if not self.max_time >= 0:
             raise ValueError(f"max_time must be >= 0 seconds (0 = no limit), got {self.max_time}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 1, or 0 to choose from the machine, got {self.threads}")
         if self.patience < 0:
             raise ValueError(f"patience must be >= 0 evaluations without improvement (0 = off), got {self.patience}")
+        if self.vocab_multiple < 0:
+            raise ValueError(f"vocab_multiple must be >= 0 (0 = auto, 1 = no padding), got {self.vocab_multiple}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
+        if self.cuda_graphs == "on" and self.device != "cuda":
+            raise ValueError("cuda_graphs=on needs device=cuda: CUDA graphs record GPU kernel launches (on the "
+                             "CPU use cuda_graphs=off or auto)")
 
     def _check_types(self):
         """Each knob of its field's type (from a JSON/TOML config a list, or true for an int, is refused;
@@ -137,7 +156,12 @@ class TrainConfig:
     def model_config(self, vocab_size):
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         pos=self.pos)
+                         pos=self.pos, vocab_multiple=self.padding_multiple())
+
+    def padding_multiple(self):
+        """The token table's row multiple: vocab_multiple, or for 0 (auto) 64 on cuda (tiles of the LM
+        head's GEMM; llm.c's padded vocabulary) and 1 (none) on cpu, where padding only adds work."""
+        return self.vocab_multiple or (64 if self.device == "cuda" else 1)
 
     @classmethod
     def field_types(cls):
@@ -149,28 +173,43 @@ def train(cfg, log=print):
     "losses", "seconds", "stopped"} ("stopped": None after max_iters, else "max_time" or "patience").
     Raises ``TrainingDiverged`` (nothing saved), ``OutDirLocked``, ValueError/CheckpointError for bad
     input, and KeyboardInterrupt on Ctrl-C or SIGTERM after logging how to resume."""
-    # the backend, the data and the output directory (locked; leftovers of a killed save removed)
-    use_backend(cfg)
-    meta, splits = load_data(cfg)
-    if cfg.init_from != "resume":        # (a resumed run's block_size is the checkpoint's: checked later)
-        check_split_lengths(splits, cfg)
-    lock, created = prepare_out_dir(cfg, log)
+    # the ranks of a parallel launch (mpiexec/srun; None for one process: nothing changes), the backend,
+    # the data and the output directory (locked by rank 0; leftovers of a killed save removed); a set-up
+    # error on any rank ends every rank with one message (npgpt/distributed/launch.py)
+    comm = distributed.connect(cfg.device)
+    log = distributed.rank0_log(comm, log)
+    with distributed.setup_phase(comm):
+        threads = use_backend(cfg)
+        if threads:
+            log(f"computing with {threads}")
+        meta, splits = distributed.rank0_first(comm, load_data, cfg)
+        if cfg.init_from != "resume":    # (a resumed run's block_size is the checkpoint's: checked later)
+            check_split_lengths(splits, cfg)
+    with distributed.setup_phase(comm):
+        lock, created = prepare_out_dir(cfg, log) if distributed.is_rank0(comm) else (None, False)
     try:
-        with sigterm_as_interrupt():
-            return _train(cfg, meta, splits, log)
+        with sigterm_as_interrupt(), distributed.fail_together(comm):
+            return _train(cfg, meta, splits, log, comm)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         if created:
             remove_if_empty(cfg.out_dir)
 
 
-def _train(cfg, meta, splits, log):
+def _train(cfg, meta, splits, log, comm=None):
     # the model and its optimizer: new, from weights, or resumed with the step, best val loss and random streams
     cfg, model, opt, start_iter, best_val, evals_since_best, batch_rng = init_or_resume(cfg, meta, log)
     if cfg.init_from == "resume":        # block_size now the checkpoint's (other runs were checked in train)
         check_split_lengths(splits, cfg)
-    run_log = RunLog(cfg, start_iter, log, model)
-    next_batch = batch_source(splits["train"], cfg, start_iter, batch_rng, log)
+    if comm is not None:                 # N ranks: the gradient summed in buckets, ZeRO-1 unless zero=false
+        opt = data_parallel(opt, cfg, comm, start_iter, log)
+    ranks = comm.size if comm is not None else 1
+    run_log = RunLog(cfg, start_iter, log, model, world_size=ranks, quiet=not distributed.is_rank0(comm))
+    next_batch = batch_source(splits["train"], cfg, start_iter, batch_rng, log, comm)
+    # one process on the GPU with cuda_graphs on: the micro-batches replay a recorded CUDA graph (cuda_graphs.py)
+    graphed_step = graphed_train_step(cfg.cuda_graphs, model, opt, next_batch, cfg.gradient_accumulation_steps) \
+        if comm is None else None
     losses, iter_num, stopped, lr = {}, start_iter, None, None
     saved_at = start_iter if cfg.init_from == "resume" else None     # the step ckpt.npz holds
 
@@ -191,7 +230,8 @@ def _train(cfg, meta, splits, log):
             # best val loss (none at the step resumed from, which the checkpoint already holds and counted);
             # inf/nan losses or weights stop the run before anything is written
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or stopped:
-                losses = estimate_loss(model, splits, cfg, cfg.seed + 1)
+                losses = estimate_loss(model, splits, cfg, cfg.seed + 1) if comm is None else \
+                    estimate_loss(model, splits, cfg, cfg.seed + 1, comm)    # N ranks: 1/N of the batches each
                 run_log.evaluation(iter_num, losses)
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise diverged(f"the evaluation loss is {losses['val']} (train {losses['train']})")
@@ -202,7 +242,7 @@ def _train(cfg, meta, splits, log):
                 if (improved or cfg.always_save_checkpoint) and (iter_num > start_iter or iter_num == cfg.max_iters):
                     try:
                         save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng, improved,
-                                 evals_since_best)
+                                 evals_since_best, comm)
                     except TrainingDiverged:
                         raise diverged("the weights are not finite") from None
                     saved_at = iter_num
@@ -215,7 +255,9 @@ def _train(cfg, meta, splits, log):
                 break
             # forward, backward and update, with gradient accumulation; the step clips to grad_clip
             # and skips (fp16) steps with inf/nan gradients
-            loss = train_step(opt, lambda: model(*next_batch())[1], cfg.gradient_accumulation_steps)
+            loss = graphed_step() if graphed_step else \
+                train_step(opt, lambda: model(*next_batch())[1], cfg.gradient_accumulation_steps)
+            loss = distributed.last_micro_batch_loss(comm, loss)     # N ranks: what one process would log
             iter_num += 1
             # timing and logging; an inf/nan loss (read at each log line) stops the run, except under fp16
             # where the loss scaler skips such steps
@@ -224,7 +266,8 @@ def _train(cfg, meta, splits, log):
                 raise diverged(f"the training loss became {run_log.history[-1]} (first at iteration "
                                f"{run_log.first_non_finite})")
             # the time budget: evaluate and save at this iteration, then stop
-            if cfg.max_time and run_log.seconds() >= cfg.max_time and iter_num < cfg.max_iters:
+            if cfg.max_time and distributed.rank0_decides(comm, run_log.seconds() >= cfg.max_time) \
+                    and iter_num < cfg.max_iters:
                 stopped = "max_time"
                 run_log.finish(iter_num, lr, opt)
                 log(f"stopping at iteration {iter_num}: the time budget of {cfg.max_time:g} s is spent")

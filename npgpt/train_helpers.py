@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from . import backend
+from . import backend, distributed
 from .checkpoint import save_checkpoint, copy_checkpoint, load_checkpoint, CheckpointError
 from .data import check_split_length, load_split, get_batch, ensure_prepared, DeviceBatches, fits_on_device, device_bytes
 from .engine import no_grad
@@ -24,10 +24,11 @@ from .lora import named_modules
 from .model import GPT, GPTConfig
 from .nn import LayerNorm
 from .optim import FlatAdamW, decay_groups
-from .costs import peak_flops
+from .costs import mfu_peak
 from .loading import CKPT_NAME, load_model
 from .resume import check_vocab, resume_config, vocab_fingerprint
 from .run_dir import TrainingDiverged, all_finite
+from .threads import use_threads
 
 __all__ = ["CKPT_NAME", "BEST_NAME", "make_optimizer", "train_step", "use_backend", "load_data", "init_or_resume",
            "init_from_weights", "batch_source", "estimate_loss", "save_run", "RunLog", "check_split_lengths"]
@@ -64,10 +65,15 @@ def train_step(opt, micro_batch_loss, accumulation_steps=1):
 # ---- set-up: backend, data, model and optimizer -----------------------------------------------------
 
 def use_backend(cfg):
-    """NumPy or CuPy, TF32 or not, and the default dtype (float32 under fp16: the master weights)."""
+    """NumPy or CuPy, TF32 or not, the default dtype (float32 under fp16: the master weights), and on
+    NumPy the CPU threads (``threads.use_threads``). Returns a few words for the log: the threads."""
     backend.use("cupy" if cfg.device == "cuda" else "numpy")
     backend.set_tf32(cfg.tf32)
     backend.set_default_dtype("float32" if cfg.dtype == "float16" else cfg.dtype)
+    if cfg.device == "cuda":
+        return ""
+    n, why = use_threads(cfg.threads)
+    return f"{n} CPU thread{'s' if n > 1 else ''} ({why})"
 
 
 def load_data(cfg):
@@ -143,6 +149,18 @@ def init_or_resume(cfg, meta, log):
     return cfg, model, opt, iter_num, best_val, evals_since_best, batch_rng
 
 
+def data_parallel(opt, cfg, comm, iter_num, log):
+    """``opt`` stepped in step on the ranks of ``comm`` (``distributed.DataParallel``: rank 0's weights
+    broadcast, gradients summed in buckets, ZeRO-1 unless ``cfg.zero`` is false). Ranks other than 0
+    draw dropout masks from streams of their own (seeded by rank), so with dropout a parallel run is
+    not the single process's bit for bit."""
+    if comm.rank:
+        backend.seed(cfg.seed + iter_num + 1_000_003 * comm.rank)
+    opt = distributed.DataParallel(opt, comm, cfg.gradient_accumulation_steps, zero=cfg.zero)
+    log(opt.memory_note())
+    return opt
+
+
 def init_from_weights(cfg, meta, log):
     """A GPT (train mode) holding the weights at ``cfg.init_from`` (anything ``load_model`` reads),
     shaped for this run: the checkpoint fixes n_layer, n_head, n_embd, vocab_size, bias and pos;
@@ -160,7 +178,7 @@ def init_from_weights(cfg, meta, log):
     if conf["pos"] == "learned" and cfg.block_size < conf["block_size"]:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:cfg.block_size]   # (T, C): crop
         log(f"cropping the position table from {conf['block_size']} to block_size {cfg.block_size}")
-    conf.update(block_size=cfg.block_size, dropout=cfg.dropout)
+    conf.update(block_size=cfg.block_size, dropout=cfg.dropout, vocab_multiple=cfg.padding_multiple())
     model = GPT(GPTConfig.from_dict(conf))
     model.load_state_dict(state)
     for (_, theirs), (_, ours) in zip(named_modules(source), named_modules(model)):
@@ -172,34 +190,43 @@ def init_from_weights(cfg, meta, log):
     return model.train()
 
 
-def batch_source(train_data, cfg, iter_num, batch_rng, log=print):
+def batch_source(train_data, cfg, iter_num, batch_rng, log=print, comm=None):
     """``next_batch() -> x, y`` (B, T). On CuPy the split lives on the GPU and batches are drawn there
     (seeded with seed + iter_num), unless it would take more than its share of free GPU memory
     (``data.fits_on_device``): then, as on NumPy, the host draws them from the memory-mapped split
-    with ``batch_rng`` (checkpointed) and each batch is copied over."""
+    with ``batch_rng`` (checkpointed) and each batch is copied over. With ``comm`` (N ranks) rank r
+    takes draws r, N + r, 2N + r, ... of that same stream (``distributed.rank_batches``)."""
     if backend.name == "cupy":
         nbytes, free = device_bytes(train_data), backend.xp.cuda.Device().mem_info[0]
-        if fits_on_device(nbytes, free):
-            return DeviceBatches(train_data, cfg.batch_size, cfg.block_size, cfg.seed + iter_num)
+        if distributed.rank0_decides(comm, fits_on_device(nbytes, free)):
+            draw = DeviceBatches(train_data, cfg.batch_size, cfg.block_size, cfg.seed + iter_num)
+            return draw if comm is None else distributed.rank_batches(comm, draw)
         log(f"the training split ({nbytes / 2**30:.1f} GiB as int32) would not fit in GPU memory "
             f"({free / 2**30:.1f} GiB free): drawing batches on the host and copying each one")
-    return lambda: get_batch(train_data, cfg.batch_size, cfg.block_size, batch_rng)
+    if comm is None:
+        return lambda: get_batch(train_data, cfg.batch_size, cfg.block_size, batch_rng)
+    skip = lambda: batch_rng.integers(0, len(train_data) - cfg.block_size, size=cfg.batch_size)  # get_batch's draw
+    return distributed.rank_batches(comm, lambda: get_batch(train_data, cfg.batch_size, cfg.block_size, batch_rng),
+                                    skip)
 
 
 # ---- evaluation and checkpoints ---------------------------------------------------------------------
 
 @no_grad()
-def estimate_loss(model, splits, cfg, seed):
+def estimate_loss(model, splits, cfg, seed, comm=None):
     """Mean loss over ``eval_iters`` batches of each split, from a generator seeded afresh (so every
-    evaluation sees the same batches and training's random stream is untouched)."""
+    evaluation sees the same batches and training's random stream is untouched). With ``comm`` (N
+    ranks) rank r scores batches r, N + r, ... of the same stream and the sums are added over ranks."""
     model.eval()
     out = {}
     for name, data in splits.items():
         rng = np.random.default_rng(seed)
         total = 0.0   # summed on the device: one host read per split, not one per batch
-        for _ in range(cfg.eval_iters):
-            total = total + model(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1].data
-        out[name] = float(total) / cfg.eval_iters
+        for i in range(cfg.eval_iters):
+            batch = get_batch(data, cfg.batch_size, cfg.block_size, rng)
+            if comm is None or i % comm.size == comm.rank:
+                total = total + model(*batch)[1].data
+        out[name] = (float(total) if comm is None else distributed.sum_over_ranks(comm, total)) / cfg.eval_iters
     model.train()
     return out
 
@@ -210,19 +237,23 @@ def _rng_state(gen):
     return state if isinstance(state, dict) else None
 
 
-def save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng, best=False, evals_since_best=0):
+def save_run(cfg, model, opt, meta, iter_num, best_val, losses, batch_rng, best=False, evals_since_best=0, comm=None):
     """Write ``out_dir/ckpt.npz`` atomically: the (float32 master) weights, the optimizer, the step,
     the losses, the early-stopping count and the random-generator states; with ``best`` (the
     validation loss improved) copy it to ``out_dir/best.npz`` too, so either one resumes. Weights or
     losses that are not finite raise ``TrainingDiverged`` and write nothing: a diverged run never
-    replaces a good checkpoint."""
+    replaces a good checkpoint. With ``comm`` every rank calls it (ZeRO-1 gathers the sharded state)
+    and rank 0 writes."""
     path = os.path.join(cfg.out_dir, CKPT_NAME)
-    weights = opt.master_state_dict(model)
+    weights = model.unpadded(opt.master_state_dict(model))    # no vocabulary padding rows in checkpoints
+    optimizer_state = opt.state_dict()
     if not all(math.isfinite(v) for v in (losses.get("train", 0.0), losses.get("val", 0.0))) \
             or not all_finite(weights.values()):
         raise TrainingDiverged(f"the weights or losses at iteration {iter_num} are not finite")
+    if not distributed.is_rank0(comm):
+        return
     save_checkpoint(path, {
-        "model": weights, "optimizer": opt.state_dict(),
+        "model": weights, "optimizer": optimizer_state,
         "model_config": model.config.to_dict(), "train_config": asdict(cfg), "meta": meta,
         "vocab_fingerprint": vocab_fingerprint(meta),
         "iter_num": iter_num, "best_val_loss": best_val, "val_loss": losses.get("val"),
@@ -243,21 +274,28 @@ class RunLog:
     nanoGPT prints it: ``iter 100: loss 2.1234, time 52.1ms, tok/s 14,700, mfu 23.1%``.
 
     MFU as nanoGPT's: model FLOPs per token (6N + 12LHQT, ``GPT.estimate_flops_per_token``) times
-    tokens/s over the machine's peak (``profiler.peak_flops``: a float32 GEMM measured once per
-    process on the CPU, the GPU's dense peak), a fraction; the bar shows it in percent."""
+    tokens/s over the machine's peak (``costs.mfu_peak``: a float32 GEMM measured once per process
+    on the CPU, the GPU's data-sheet dense peak), a fraction; the bar shows it in percent. A GPU not
+    in ``costs.GPU_PEAKS_TFLOPS`` gets no MFU (one log line says why) rather than a made-up one."""
 
-    def __init__(self, cfg, iter_num, log, model=None):
+    def __init__(self, cfg, iter_num, log, model=None, world_size=1, quiet=False):
+        # world_size: data-parallel ranks (tokens/s is global, MFU over their summed peak); quiet: a rank
+        # other than 0, which keeps the history (its decisions need it) but writes and shows nothing
         self.cfg, self.log = cfg, log
         self.flops_per_token = self.peak = None
         if model is not None:
             self.flops_per_token = model.estimate_flops_per_token()
-            self.peak = peak_flops(cfg.dtype, cfg.tf32)[0]    # no random stream is touched
-        self.file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
+            self.peak, source = mfu_peak(cfg.dtype, cfg.tf32)    # no random stream is touched
+            if self.peak is None:
+                log(f"MFU not reported: {source}")
+            else:
+                self.peak *= world_size
+        self.file = open(os.devnull if quiet else os.path.join(cfg.out_dir, "log.jsonl"), "a")
         self.bar = None
-        if cfg.progress:
+        if cfg.progress and not quiet:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=cfg.max_iters, initial=iter_num, unit="it", dynamic_ncols=True)
-        self.tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        self.tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world_size
         self.history, self.pending = [], []
         self.first_non_finite = None     # the iteration of the first logged loss that is inf/nan
         self.t_start = self.t_last = time.time()
@@ -302,7 +340,7 @@ class RunLog:
         self.pending.clear()
         record = {"iter": iter_num, "loss": loss_now, "lr": lr, "tokens_per_s": tokens_per_s,
                   "grad_norm": float(opt.grad_norm)}
-        if self.flops_per_token:
+        if self.flops_per_token and self.peak:
             record["mfu"] = self.flops_per_token * tokens_per_s / self.peak
         if opt.mixed:
             record.update(loss_scale=opt.loss_scale, skipped_steps=opt.skipped_steps)

@@ -53,8 +53,12 @@ KNOBS = {
     "device": ("system", "cpu (NumPy) | cuda (CuPy)"),
     "dtype": ("system", "float32 | float16 (mixed precision, fp32 master weights) | float64"),
     "tf32": ("system", "float32 matmuls on TF32 tensor cores (cuda)"),
+    "threads": ("system", "CPU threads (0 = the cores other processes leave free, or $NPGPT_THREADS)"),
+    "vocab_multiple": ("system", "pad the token table to a multiple of this (0 = auto: 64 on cuda, none on cpu)"),
+    "cuda_graphs": ("system", "capture and replay the training step: auto (off until measured) | on | off"),
     "progress": ("system", "a progress bar (false: a log line every log_interval)"),
     "overwrite": ("data", "a new run may replace the checkpoint already in out_dir (else refused)"),
+    "zero": ("system", "under mpiexec/srun: ZeRO-1, each rank keeps 1/N of the optimizer state (false: all-reduce)"),
 }
 GROUPS = ("data", "model", "optimizer", "schedule", "system")
 
@@ -169,7 +173,9 @@ def run_train(args):
         flags = {k for k, t in TrainConfig.field_types().items() if t in (bool, "bool")}
         cfg = build_config(parse_overrides(args.overrides, flags), args.config)
     except ValueError as e:
-        print(f"npgpt train: error: {e}", file=sys.stderr)
+        from ..distributed import world_from_env
+        if world_from_env().rank == 0:        # under mpiexec every rank has the same bad knob: say it once
+            print(f"npgpt train: error: {e}", file=sys.stderr)
         return 2
     from ..backend import BackendError
     from ..checkpoint import CheckpointError
@@ -182,6 +188,9 @@ def run_train(args):
     except TrainingDiverged as e:           # not the input's fault: the run failed
         print(f"npgpt train: error: {e}", file=sys.stderr)
         return 1
+    from ..distributed import world_from_env
+    if world_from_env().rank != 0:            # a parallel run: rank 0 alone reports and samples
+        return 0
     best = os.path.join(cfg.out_dir, "best.npz")
     print(f"done: {result['iter']} iterations in {result['seconds']:.0f} s; val loss {result['val_loss']:.4f}; "
           f"checkpoint {os.path.join(cfg.out_dir, 'ckpt.npz')}"
