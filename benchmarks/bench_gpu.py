@@ -9,8 +9,10 @@ side by side in one run.
 Frameworks (--frameworks): "npgpt" (CuPy; ``configure_optimizer(flat=True, dtype=...)``, a FlatAdamW;
 the vocabulary padded to a multiple of 64, attention "auto", no CUDA graphs) and its variants
 "npgpt-flash" (NPGPT_ATTENTION=flash: the tensor-core FlashAttention-2 kernels), "npgpt-graphs"
-(the micro-steps replayed from a CUDA graph, npgpt/cuda_graphs.py), "npgpt-flash-graphs" (both) and
-"npgpt-nopad" (vocabulary 50257 unpadded); "torch-sdpa" (benchmarks/torch_gpt.py's TorchGPT, eager,
+(the whole step replayed from a CUDA graph, npgpt/cuda_graphs.py), "npgpt-graphs-micro" (only the
+micro-steps' forward + backward replayed, the optimizer step eager), "npgpt-flash-graphs" (flash and
+whole-step graphs), "npgpt-vec" (the 16-byte-load layer-norm and cross-entropy kernels,
+npgpt/layers/vectorized_kernels.py) and "npgpt-nopad" (vocabulary 50257 unpadded); "torch-sdpa" (benchmarks/torch_gpt.py's TorchGPT, eager,
 F.scaled_dot_product_attention), "torch-math" (the same with the (B, NH, T, T) softmax attention
 written out, as npgpt's materialized path computes it) and "torch-compile" (torch-sdpa under
 torch.compile; its compile time is in first_step_s, not in the timed steps).
@@ -65,12 +67,15 @@ CONFIGS = {
     "check": dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=128, batch_size=2),
 }
 PRECISIONS = ("fp16", "tf32", "fp32")
-FRAMEWORKS = ("npgpt", "npgpt-flash", "npgpt-graphs", "npgpt-flash-graphs", "npgpt-nopad",
-              "torch-sdpa", "torch-math", "torch-compile")
+FRAMEWORKS = ("npgpt", "npgpt-flash", "npgpt-graphs", "npgpt-graphs-micro", "npgpt-flash-graphs", "npgpt-vec",
+              "npgpt-nopad", "torch-sdpa", "torch-math", "torch-compile")
 DEFAULT_FRAMEWORKS = ("npgpt", "npgpt-flash", "npgpt-graphs", "npgpt-flash-graphs", "torch-sdpa", "torch-math")
-# npgpt variant -> (attention implementation, CUDA graphs, vocab_multiple)
-NPGPT_VARIANTS = {"npgpt": ("auto", False, 64), "npgpt-flash": ("flash", False, 64), "npgpt-graphs": ("auto", True, 64),
-                  "npgpt-flash-graphs": ("flash", True, 64), "npgpt-nopad": ("auto", False, 1)}
+# npgpt variant -> (attention implementation, CUDA graphs: False / "step" / "micro", vocab_multiple,
+# vectorized layer-norm and cross-entropy kernels)
+NPGPT_VARIANTS = {"npgpt": ("auto", False, 64, False), "npgpt-flash": ("flash", False, 64, False),
+                  "npgpt-graphs": ("auto", "step", 64, False), "npgpt-graphs-micro": ("auto", "micro", 64, False),
+                  "npgpt-flash-graphs": ("flash", "step", 64, False), "npgpt-vec": ("auto", False, 64, True),
+                  "npgpt-nopad": ("auto", False, 1, False)}
 PRECISION_DTYPE = {"fp16": ("float16", False), "tf32": ("float32", True), "fp32": ("float32", False)}
 RESULT = "RESULT "       # prefix of the JSON lines a child prints, one per measurement
 
@@ -176,8 +181,11 @@ def measure_npgpt(name, precision, args, variant="npgpt"):
     from npgpt import backend, GPT, GPTConfig
     from npgpt import cuda_graphs
     from npgpt.layers import attention
-    impl, graphs, multiple = NPGPT_VARIANTS[variant]
+    from npgpt.layers import tuning
+    impl, graphs, multiple, vectorized = NPGPT_VARIANTS[variant]
     attention.set_impl(impl)
+    cuda_graphs.WHOLE_STEP = graphs == "step"
+    tuning.TUNING["cupy"].update(layer_norm_vectorized=vectorized, cross_entropy_vectorized=vectorized)
     xp = backend.xp
     if xp is np:
         def memory():
@@ -211,7 +219,7 @@ def measure_npgpt(name, precision, args, variant="npgpt"):
         losses.append(graphed().data)
 
     graphed = None
-    if graphs:                         # the micro-steps replayed from a CUDA graph (recorded in the first step)
+    if graphs:                         # the step (or micro-steps) replayed from a CUDA graph, recorded first
         cycle = iter(batches * (args.warmup + args.steps + 1))
         graphed = cuda_graphs.graphed_train_step("on", model, opt, lambda: next(cycle), args.accum)
     step = graphed_step if graphs else eager_step
@@ -220,7 +228,7 @@ def measure_npgpt(name, precision, args, variant="npgpt"):
     times, first, peak = time_steps(step, backend.synchronize, memory, args.warmup, args.steps)
     dev_name = "cpu" if xp is np else (device.decode() if isinstance(device, bytes) else str(device))
     out = summarize(times, B * c["block_size"] * args.accum, real_flops_per_token(c), precision, dev_name)
-    out.update(framework=variant, attention=impl, cuda_graphs=graphs, vocab_rows=model.transformer.wte.weight.shape[0],
+    out.update(framework=variant, attention=impl, cuda_graphs=graphs, vectorized=vectorized, vocab_rows=model.transformer.wte.weight.shape[0],
                params=model.num_params(), batch=B, setup_s=setup, first_step_s=first,
                peak_mem_bytes=int(peak) if xp is not np else None,
                first_loss=float(losses[0]), last_loss=float(losses[-1]),
@@ -456,7 +464,7 @@ def main():
     start = time.perf_counter()
     if args.check:
         configs, precisions = ["check"], ["fp16", "fp32"]
-        frameworks = [f for f in args.frameworks if f in ("npgpt", "npgpt-flash", "npgpt-nopad")
+        frameworks = [f for f in args.frameworks if f in ("npgpt", "npgpt-flash", "npgpt-vec", "npgpt-nopad")
                       or (f in ("torch-sdpa", "torch-math") and importlib.util.find_spec("torch") is not None)]
         device = "cpu (NumPy backend; peaks and MFU are meaningless here)"
     else:

@@ -9,22 +9,25 @@
 #   nccl:    NCCL through CuPy (benchmarks/nccl_smoke.py): communicator, all-reduce / reduce-scatter /
 #            all-gather on device buffers, one data-parallel step (plain and ZeRO-1) against the plain step,
 #            the bandwidth of a 256 MiB all-reduce; one rank per GPU under mpiexec when there are several;
-#   issue15: = kernels15 bench15, at most 4 minutes: the GPU work prepared without a GPU (issue 15),
-#     kernels15: flash attention, fused residual+layer norm and bias+GELU, CUDA graphs and padded-vocabulary
-#                cross-entropy against float64 NumPy, plus the existing kernel tests (~70 s),
-#     bench15:   fp16 GPT-2 124M and small: npgpt (padded vocab), +flash, +graphs, +both, unpadded, against
-#                torch-sdpa and torch.compile, MFU from the detected GPU, peak memory (~165 s);
+#   issue15: = kernels15 prof15 bench15, at most 5 minutes: the GPU work prepared without a GPU (issue 15),
+#     kernels15: flash attention, fused residual+layer norm and bias+GELU, vectorized layer-norm and
+#                cross-entropy kernels, CUDA graphs (whole step and micro-step) and padded-vocabulary
+#                cross-entropy against float64 NumPy, plus the existing kernel tests (~80 s),
+#     prof15:    layer-norm and cross-entropy kernels alone, scalar vs vectorized, GPT-2 124M shapes (~20 s),
+#     bench15:   fp16 GPT-2 124M and small: npgpt (padded vocab), +flash, +graphs (whole step), +graphs of
+#                the micro-steps only, +flash+graphs, +vectorized kernels, unpadded, against torch-sdpa and
+#                torch.compile, MFU from the detected GPU, peak memory (~190 s);
 #     their logs are also copied to benchmarks/logs/gpu15_*_DATE.
 # Logs go to $OUT (default ./gpu-out). Each stage has its own time limit (seconds, env overridable).
 #   bash benchmarks/gpu_checks.sh [stages...]      (default: suite probe bench train nccl)
-#   bash benchmarks/gpu_checks.sh issue15          (issue 15's checks in <= 4 minutes)
+#   bash benchmarks/gpu_checks.sh issue15          (issue 15's checks in <= 5 minutes)
 set -o pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NPGPT_HYPOTHESIS_PROFILE=${NPGPT_HYPOTHESIS_PROFILE:-quick}
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$PWD/.cupy-cache}
 STAGES=${*:-suite probe bench train nccl}
-STAGES=${STAGES//issue15/kernels15 bench15}
+STAGES=${STAGES//issue15/kernels15 prof15 bench15}
 DAY=$(date -u +%F)
 PYTEST="python3 -m pytest -p no:cacheprovider -q -W ignore::DeprecationWarning"
 { date -u; nvidia-smi -L; python3 -c "import cupy, numpy, sys; print('python', sys.version.split()[0], 'cupy', cupy.__version__, 'numpy', numpy.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
@@ -47,14 +50,19 @@ for stage in $STAGES; do
         python3 -m npgpt.cli sample --out_dir out-shakespeare-gpt2-gpu --device cuda --start "ROMEO:" --max_new_tokens 120 --seed 1
         cp out-shakespeare-gpt2-gpu/log.jsonl "$OUT/train_log.jsonl"; } 2>&1 | tee "$OUT/train_gpu.log" | tail -30 ;;
     kernels15)
-      timeout "${KERNELS15_TIMEOUT:-70}" $PYTEST -m cupy -n 4 tests/test_flash_attention.py tests/test_fused_layers.py \
-        tests/test_cuda_graphs.py tests/test_vocab_padding.py tests/test_kernels.py 2>&1 \
+      timeout "${KERNELS15_TIMEOUT:-90}" $PYTEST -m cupy -n 4 tests/test_flash_attention.py tests/test_fused_layers.py \
+        tests/test_vectorized_kernels.py tests/test_cuda_graphs.py tests/test_vocab_padding.py tests/test_kernels.py 2>&1 \
         | tee "$OUT/kernels15.log" | tail -25
       mkdir -p benchmarks/logs && cp "$OUT/kernels15.log" "benchmarks/logs/gpu15_kernels_$DAY.log" ;;
+    prof15)
+      timeout "${PROF15_TIMEOUT:-40}" python3 benchmarks/bench_kernels_gpu.py --json "$OUT/prof15.json" 2>&1 \
+        | tee "$OUT/prof15.log" | tail -10
+      mkdir -p benchmarks/logs && cp "$OUT/prof15.log" "benchmarks/logs/gpu15_prof_$DAY.log" ;;
     bench15)
-      timeout "${BENCH15_TIMEOUT:-165}" python3 benchmarks/bench_gpu.py --precisions fp16 --configs gpt2-124m small \
-        --frameworks npgpt npgpt-flash npgpt-graphs npgpt-flash-graphs npgpt-nopad torch-sdpa torch-compile \
-        --steps 8 --warmup 2 --max-seconds "${BENCH15_BUDGET:-155}" --timeout 120 --json "$OUT/bench15.json" 2>&1 \
+      timeout "${BENCH15_TIMEOUT:-200}" python3 benchmarks/bench_gpu.py --precisions fp16 --configs gpt2-124m small \
+        --frameworks npgpt npgpt-flash npgpt-graphs npgpt-graphs-micro npgpt-flash-graphs npgpt-vec npgpt-nopad \
+        torch-sdpa torch-compile \
+        --steps 8 --warmup 2 --max-seconds "${BENCH15_BUDGET:-190}" --timeout 120 --json "$OUT/bench15.json" 2>&1 \
         | tee "$OUT/bench15.log" | tail -30
       mkdir -p benchmarks/logs && cp "$OUT/bench15.log" "benchmarks/logs/gpu15_bench_$DAY.log"
       if [ -f "$OUT/bench15.json" ]; then cp "$OUT/bench15.json" "benchmarks/logs/gpu15_bench_$DAY.json"; fi ;;
@@ -68,7 +76,7 @@ for stage in $STAGES; do
         else
           timeout "${NCCL_TIMEOUT:-180}" python3 benchmarks/nccl_smoke.py --json "$OUT/nccl_smoke.json"
         fi; } 2>&1 | tee "$OUT/nccl_smoke.log" | tail -20 ;;
-    *) echo "unknown stage $stage (suite probe bench train kernels nccl kernels15 bench15 issue15)" ;;
+    *) echo "unknown stage $stage (suite probe bench train kernels nccl kernels15 prof15 bench15 issue15)" ;;
   esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$OUT/gpu.txt"

@@ -1,27 +1,34 @@
-"""CUDA Graphs for training: record the forward and backward of one micro-batch once, replay it.
+"""CUDA Graphs for training: record a training step once, replay it.
 
 On a small model the GPU waits for Python: each of the ~hundreds of kernels of a step costs ~10 µs
 of CPU to launch, more than many of them take to run (RESULTS.md: 24 ms of dispatch in a 25 ms
 step). A CUDA graph is the recorded sequence of those launches with their arguments and buffers;
 ``graph.launch()`` replays all of it for the cost of one launch. That needs a step that never waits
 for the host (npgpt's training step is sync-free: ``backend.forbid_sync`` tests it) and fixed shapes
-and buffers. What is recorded and what is not:
+and buffers. Two granularities:
 
-    recorded   forward, loss, backward of one micro-batch (scaled by 1/accumulation_steps and by the
-               loss scale), its gradients added into the flat gradient buffer
-    per replay the batch is copied into the graph's static input buffers, the current loss scale
-               into its static scale, and the loss copied out of its static output (tiny copies)
-    not        the optimizer step and zero_grad (a handful of launches): the learning rate and
-               weight-decay factor reach the AdamW kernel as host scalars that change every step
-               (warmup + cosine), and FlatAdamW rebinds its loss scale each step, so a recorded
-               step would replay stale values. They run eagerly after the replays.
+    whole step  (``GraphedStep``, when ``WHOLE_STEP`` and the optimizer is ``capturable``: FlatAdamW
+                on CuPy with its AdamW kernel) the forward and backward of every micro-batch, the
+                optimizer step (norm, clipping, inf/nan check, AdamW, loss-scale update) and zero_grad.
+                FlatAdamW keeps everything that changes between steps in persistent 0-d device arrays
+                updated in place (loss scale, t, counters, norm), and the host values a step needs
+                (each group's lr and 1 - lr wd) are written into persistent 0-d arrays just before
+                each replay (``load_hyperparameters``, one fill each), so the replays follow the
+                learning-rate schedule and the loss scale.
+    micro-step  (``GraphedMicroStep``, otherwise) the forward and backward of one micro-batch; the
+                optimizer step and zero_grad run eagerly after the replays.
+
+Per replay the batches are copied into the graph's static input buffers and the loss (the last
+micro-batch's) copied out of its static output: tiny copies.
 
 Memory: everything the recorded work allocates comes from a private CuPy memory pool kept with the
 graph, so no other allocation can take (and have overwritten by a replay) a buffer the graph uses.
-Kernels are compiled and caches filled by one eager warm-up micro-step first (its gradients are
-zeroed); the graph is captured on a side stream and replayed on the current one. Dropout draws from
-``backend.rng()``, whose generator state lives on the device, so replays draw fresh masks (checked
-by the GPU test); a run with graphs is not bit-identical to one without (the warm-up's extra draws).
+Kernels are compiled and caches filled by one eager warm-up first, whose effects are undone (the
+micro-step's gradients zeroed; the whole step's weights, moments, gradients and scaler state
+restored from copies); the graph is captured on a side stream and replayed on the current one.
+Dropout draws from ``backend.rng()``, whose generator state lives on the device, so replays draw
+fresh masks (checked by the GPU test); a run with graphs is not bit-identical to one without (the
+warm-up's extra draws).
 
 The knob ``TrainConfig.cuda_graphs``: "off", "on" (CuPy only: on NumPy it is refused, there are no
 graphs) or "auto" = ``AUTO``, False until a GPU benchmark shows graphs faster (benchmarks/RESULTS.md,
@@ -30,10 +37,11 @@ graphs) or "auto" = ``AUTO``, False until a GPU benchmark shows graphs faster (b
 from . import backend
 from .engine import Tensor
 
-__all__ = ["MODES", "AUTO", "use_graphs", "GraphedMicroStep", "graphed_train_step"]
+__all__ = ["MODES", "AUTO", "WHOLE_STEP", "use_graphs", "GraphedMicroStep", "GraphedStep", "graphed_train_step"]
 
 MODES = ("auto", "on", "off")
 AUTO = False        # "auto" records graphs: off until measured on a GPU (module docstring)
+WHOLE_STEP = True   # graphs on: the whole step where the optimizer is capturable, else the micro-steps
 
 
 def use_graphs(mode, backend_name=None):
@@ -49,68 +57,125 @@ def use_graphs(mode, backend_name=None):
     return name == "cupy" and (mode == "on" or (mode == "auto" and AUTO))
 
 
+def _check(opt):
+    xp = backend.xp
+    if xp.__name__ != "cupy":
+        raise ValueError("CUDA graphs need the CuPy backend (backend.use('cupy'))")
+    if not hasattr(opt, "flat"):
+        raise TypeError("CUDA graphs need the flat optimizer (FlatAdamW: its gradients live in one buffer)")
+    return xp
+
+
+def _capture(xp, record):
+    """``record()`` captured (not run) into a CUDA graph with a private memory pool -> (graph, pool,
+    what record returned)."""
+    backend.synchronize()
+    pool = xp.cuda.MemoryPool()                              # the graph's own memory
+    stream = xp.cuda.Stream(non_blocking=True)
+    stream.wait_event(xp.cuda.get_current_stream().record())
+    with xp.cuda.using_allocator(pool.malloc), stream:
+        stream.begin_capture()
+        try:
+            out = record()
+        finally:
+            graph = stream.end_capture()
+    stream.synchronize()
+    return graph, pool, out
+
+
 class GraphedMicroStep:
     """Forward + backward of one micro-batch of ``model`` recorded as a CUDA graph.
 
     ``step(x, y)`` copies the batch (B, T) into the static inputs, replays the graph (the gradients of
     loss / accumulation_steps, times the loss scale under fp16, are added into ``opt``'s flat gradient
     buffer) and returns a fresh copy of the loss (0-d, on the device). Built from one example batch,
-    whose shape and dtype every later batch must have."""
+    whose shape and dtype every later batch must have. The loss scale is read from FlatAdamW's
+    persistent device array at replay."""
 
     def __init__(self, model, opt, accumulation_steps, x, y):
-        xp = backend.xp
-        if xp.__name__ != "cupy":
-            raise ValueError("CUDA graphs need the CuPy backend (backend.use('cupy'))")
-        if not hasattr(opt, "flat"):
-            raise TypeError("CUDA graphs need the flat optimizer (FlatAdamW: its gradients live in one buffer)")
+        xp = _check(opt)
         self.model, self.opt, self.inv_accumulation = model, opt, 1.0 / accumulation_steps
         self.x, self.y = xp.array(x), xp.array(y)            # (B, T) static inputs
-        self.scale = xp.array(opt._scale) if opt.scaled else None   # static loss scale (FlatAdamW's)
         self._micro_step()                                   # warm-up: compile kernels, fill caches
         opt.zero_grad()
-        backend.synchronize()
-        self.pool = xp.cuda.MemoryPool()                     # the graph's own memory
-        stream = xp.cuda.Stream(non_blocking=True)
-        stream.wait_event(xp.cuda.get_current_stream().record())
-        with xp.cuda.using_allocator(self.pool.malloc), stream:
-            stream.begin_capture()
-            try:
-                self.loss = self._micro_step()               # recorded, not run
-            finally:
-                self.graph = stream.end_capture()
-        stream.synchronize()
+        self.graph, self.pool, self.loss = _capture(xp, self._micro_step)
 
     def _micro_step(self):
         """loss of the static batch, and its backward through the optimizer's scaling."""
         loss = self.model(self.x, self.y)[1]
-        saved = self.opt._scale
-        if self.scale is not None:
-            self.opt._scale = self.scale                     # read from the static buffer at replay
-        try:
-            self.opt.backward(loss * self.inv_accumulation)
-        finally:
-            self.opt._scale = saved
+        self.opt.backward(loss * self.inv_accumulation)
         return loss.data
 
     def step(self, x, y):
         xp = backend.xp
         self.x[...] = x                                      # device copies (host batches are uploaded)
         self.y[...] = y
-        if self.scale is not None:
-            self.scale[...] = self.opt._scale
+        self.graph.launch(stream=xp.cuda.get_current_stream())
+        return self.loss.copy()
+
+
+class GraphedStep:
+    """A whole training step recorded as one CUDA graph: forward + backward of each of the
+    ``accumulation_steps`` micro-batches (loss / accumulation_steps, times the loss scale), then
+    ``opt.step_on_device()`` and ``opt.zero_grad()``. ``opt`` must be ``capturable``.
+
+    ``step(batches)`` copies the micro-batches (a list of (x, y), (B, T) each) into the static inputs,
+    counts the step and writes the groups' learning rates on the host side (``opt.step_count``,
+    ``opt.load_hyperparameters()``), replays, and returns a fresh copy of the last micro-batch's loss."""
+
+    def __init__(self, model, opt, accumulation_steps, batches):
+        xp = _check(opt)
+        if not opt.capturable:
+            raise ValueError("this optimizer's step cannot be recorded (it needs CuPy and the AdamW CUDA kernel: "
+                             "NPGPT_CUDA_KERNELS=0 or cuda_kernel=False run array code that branches on the host)")
+        if len(batches) != accumulation_steps:
+            raise ValueError(f"expected {accumulation_steps} micro-batches, got {len(batches)}")
+        self.model, self.opt, self.inv_accumulation = model, opt, 1.0 / accumulation_steps
+        self.inputs = [(xp.array(x), xp.array(y)) for x, y in batches]   # static (B, T) inputs
+        saved, step_count = [a.copy() for a in opt.step_buffers()], opt.step_count
+        opt.load_hyperparameters()
+        self._step()                                         # warm-up: compile kernels, fill caches ...
+        for a, before in zip(opt.step_buffers(), saved):     # ... and undo it
+            a[...] = before
+        opt.step_count = step_count
+        del saved
+        self.graph, self.pool, self.loss = _capture(xp, self._step)
+
+    def _step(self):
+        for x, y in self.inputs:
+            loss = self.model(x, y)[1]
+            self.opt.backward(loss * self.inv_accumulation)
+        self.opt.step_on_device()
+        self.opt.zero_grad()
+        return loss.data
+
+    def step(self, batches):
+        xp = backend.xp
+        for (x, y), (static_x, static_y) in zip(batches, self.inputs):
+            static_x[...] = x
+            static_y[...] = y
+        self.opt.step_count += 1
+        self.opt.load_hyperparameters()                      # lr and decay of this step, into the device
         self.graph.launch(stream=xp.cuda.get_current_stream())
         return self.loss.copy()
 
 
 def graphed_train_step(mode, model, opt, next_batch, accumulation_steps=1):
-    """``step() -> loss Tensor``, ``train_helpers.train_step``'s twin with the micro-batches replayed
-    from a CUDA graph (recorded on the first call), when ``use_graphs(mode)``; None otherwise (then
-    the caller runs its plain step). The optimizer step and zero_grad run eagerly after the replays."""
+    """``step() -> loss Tensor``, ``train_helpers.train_step``'s twin replayed from a CUDA graph
+    (recorded on the first call), when ``use_graphs(mode)``; None otherwise (then the caller runs its
+    plain step). The whole step when ``WHOLE_STEP`` and ``opt.capturable``; else the micro-batches,
+    with the optimizer step and zero_grad run eagerly after the replays."""
     if not use_graphs(mode):
         return None
     recorded = []
 
-    def step():
+    def whole_step():
+        batches = [next_batch() for _ in range(accumulation_steps)]
+        if not recorded:
+            recorded.append(GraphedStep(model, opt, accumulation_steps, batches))
+        return Tensor(recorded[0].step(batches))
+
+    def micro_steps():
         for _ in range(accumulation_steps):
             x, y = next_batch()
             if not recorded:
@@ -119,4 +184,4 @@ def graphed_train_step(mode, model, opt, next_batch, accumulation_steps=1):
         opt.step()
         opt.zero_grad()
         return Tensor(loss)
-    return step
+    return whole_step if WHOLE_STEP and getattr(opt, "capturable", False) else micro_steps

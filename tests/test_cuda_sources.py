@@ -46,6 +46,9 @@ def test_every_kernel_goes_through_the_registry():
     _import_all()
     names = [e["name"] for e in _cuda.SOURCES]
     assert len(names) == len(set(names)), names
+    helpers = {e["name"] for e in _cuda.SOURCES if e["kind"] == "raw" and not e.get("needs")}
+    for entry in _cuda.SOURCES:                    # what a source needs is a raw source that needs nothing
+        assert set(entry.get("needs", ())) <= helpers, (entry["name"], entry["needs"])
     assert {"layer_norm", "cross_entropy"} <= set(names) and any("gelu" in n for n in names)
 
 
@@ -61,10 +64,10 @@ def test_every_cuda_source_compiles(tmp_path):
     _import_all()
     assert _cuda.SOURCES, "no CUDA source registered"
     jobs = []
-    raw = [e for e in _cuda.SOURCES if e["kind"] == "raw"]
-    for dtype in DTYPES:   # all RawKernel sources in one translation unit per dtype (one PRELUDE)
+    raw = sorted((e for e in _cuda.SOURCES if e["kind"] == "raw"), key=lambda e: bool(e.get("needs")))
+    for dtype in DTYPES:   # all RawKernel sources in one translation unit per dtype (one PRELUDE), helpers first
         path = tmp_path / f"raw_{dtype}.cu"
-        path.write_text(_cuda.cuda_source(raw[0], dtype) + "".join(e["source"] for e in raw[1:]))
+        path.write_text(_cuda.cuda_source(dict(kind="raw", source=""), dtype) + "".join(e["source"] for e in raw))
         jobs += [(str(path), arch) for arch in ARCHS]
     for entry in _cuda.SOURCES:
         if entry["kind"] == "raw":

@@ -18,6 +18,7 @@ from npgpt.backend import to_numpy
 from npgpt.layers import _cuda, attention
 from npgpt.layers import flash_attention as fa
 from npgpt.layers import flash_attention_cuda as fa_cuda
+from npgpt.layers import flash_attention_cuda_backward as fa_cuda_bwd
 
 NVCC = shutil.which("nvcc")
 
@@ -104,7 +105,7 @@ def test_float16_against_float64():
     """float16 in: the kernels' roundings (P, dS to float16 before the products, float32 accumulation)
     stay within float16 accuracy of the float64 answer, and the dtypes are the kernels'."""
     q, k, v, dout = inputs(3, 2, 2, 130, 130, 64, np.float16)
-    got = tiled(q, k, v, dout, fa_cuda.BLOCK, fa_cuda.BLOCK, fa_cuda.backward_block_rows(64))
+    got = tiled(q, k, v, dout, fa_cuda.BLOCK, fa_cuda.BLOCK, fa_cuda_bwd.backward_block_rows(64))
     assert [a.dtype for a in got] == [np.float16, np.float32, np.float16, np.float16, np.float16]
     want = fa.flash_attention_reference(*(a.astype(np.float64) for a in (q, k, v, dout)))
     for name, a, b in zip(("y", "lse", "dq", "dk", "dv"), got, want):
@@ -145,19 +146,21 @@ def test_dispatch_is_off_on_numpy_and_by_default():
 def test_kernels_fit_without_spills(tmp_path, arch):
     """ptxas: every flash kernel uses < 48 KiB of static shared memory (no opt-in needed), at most 255
     registers and spills none (a spill in the inner loop would cost more than it saves)."""
-    entry = next(e for e in _cuda.SOURCES if e["name"] == "flash_attention")
-    src = tmp_path / "fa.cu"
-    src.write_text(_cuda.cuda_source(entry, "float16"))
-    r = subprocess.run([NVCC, "-cubin", f"-arch={arch}", "--std=c++17", "--resource-usage", str(src),
-                        "-o", os.devnull], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    info = re.findall(r"Function properties for (\w+)\n.*?(\d+) bytes spill stores.*?\n.*?Used (\d+) registers"
-                      r".*?(?:(\d+) bytes smem)?", r.stdout + r.stderr)
-    kernels = {name: (int(spill), int(regs)) for name, spill, regs, _ in info}
+    kernels, smem = {}, []
+    for direction in ("forward", "backward"):    # each as the launcher compiles it: helpers + its kernels
+        entry = next(e for e in _cuda.SOURCES if e["name"] == f"flash_attention_{direction}")
+        src = tmp_path / f"fa_{direction}.cu"
+        src.write_text(_cuda.cuda_source(entry, "float16"))
+        r = subprocess.run([NVCC, "-cubin", f"-arch={arch}", "--std=c++17", "--resource-usage", str(src),
+                            "-o", os.devnull], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        info = re.findall(r"Function properties for (\w+)\n.*?(\d+) bytes spill stores.*?\n.*?Used (\d+) registers"
+                          r".*?(?:(\d+) bytes smem)?", r.stdout + r.stderr)
+        kernels.update({name: (int(spill), int(regs)) for name, spill, regs, _ in info})
+        smem += [int(x) for x in re.findall(r"(\d+) bytes smem", r.stdout + r.stderr)]
     names = {f"npgpt_flash_{d}_{hs}" for d in ("fwd", "bwd") for hs in fa_cuda.HEAD_SIZES}
     assert names <= set(kernels), sorted(kernels)
     assert all(spill == 0 and regs <= 255 for spill, regs in kernels.values()), kernels
-    smem = [int(x) for x in re.findall(r"(\d+) bytes smem", r.stdout + r.stderr)]
     assert smem and max(smem) < 48 * 1024, smem
 
 
@@ -190,7 +193,7 @@ def kernel_error(cp, B, NH, Tq, Tk, hs, seed=0, strided=False):
     assert fa_cuda.kernel_applies(*arrays)
     scale = 1.0 / np.sqrt(hs)
     y, lse = fa_cuda.flash_forward_cuda(*arrays, scale)
-    grads = fa_cuda.flash_backward_cuda(*arrays, y, lse, cp.asarray(dout), scale)
+    grads = fa_cuda_bwd.flash_backward_cuda(*arrays, y, lse, cp.asarray(dout), scale)
     want = fa.flash_attention_reference(*(a.astype(np.float64) for a in (q, k, v, dout)))
     return {name: float(np.abs(to_numpy(a).astype(np.float64) - b).max() / np.abs(b).max())
             for name, a, b in zip(("y", "lse", "dq", "dk", "dv"), (y, lse) + tuple(grads), want)}

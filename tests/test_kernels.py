@@ -72,7 +72,7 @@ def test_switch_and_constants(monkeypatch):
     assert not _cuda.enabled()
     import math
     assert gelu_layer.GELU_A == math.sqrt(2 / math.pi) and gelu_layer.GELU_B == 0.044715
-    assert repr(gelu_layer.GELU_A) in gelu_layer._body("forward", "float")
+    assert repr(gelu_layer.GELU_A) in gelu_layer.gelu_kernel_body("forward", "float")
     assert _cuda.supports(np.float16, np.float64) and not _cuda.supports(np.int32)
 
 

@@ -18,8 +18,8 @@ import os
 import numpy as np
 
 __all__ = ["ENABLED", "enabled", "use_cuda_kernels", "supports", "acc_dtype", "empty", "cdiv", "i32",
-           "contiguous", "PRELUDE", "raw_kernel", "elementwise_kernel", "register_source", "SOURCES",
-           "cuda_source"]
+           "vector_width", "vectorizable", "contiguous", "PRELUDE", "raw_kernel", "elementwise_kernel",
+           "register_source", "SOURCES", "cuda_source"]
 
 ENABLED = True
 # storage dtype -> (C type T, accumulation type A)
@@ -64,6 +64,17 @@ def i32(n):
     return np.int32(n)
 
 
+def vector_width(dtype):
+    """Elements of ``dtype`` in one 16-byte load: the kernels' VEC (8 float16, 4 float32, 2 float64)."""
+    return 16 // np.dtype(dtype).itemsize
+
+
+def vectorizable(C, *arrays):
+    """The ``_vec`` kernels may run: rows of C elements split into 16-byte vectors (C % VEC == 0) and
+    every array starting on a 16-byte boundary (a view may not)."""
+    return C % vector_width(arrays[0].dtype) == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
+
+
 def contiguous(xp, a, dtype=None):
     """a as a C-contiguous array (of ``dtype`` when given); no copy when it already is one."""
     a = a if dtype is None else a.astype(dtype, copy=False)
@@ -91,6 +102,18 @@ __device__ __forceinline__ float neg_inf(float) { return -__int_as_float(0x7f800
 __device__ __forceinline__ double neg_inf(double) { return -__longlong_as_double(0x7ff0000000000000LL); }
 __device__ __forceinline__ float nan_of(float) { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ double nan_of(double) { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// 16 bytes of T in one load or store (8 halves, 4 floats, 2 doubles); p must be 16-byte aligned.
+constexpr int VEC = 16 / sizeof(T);
+struct __align__(16) Vec { T v[VEC]; };
+__device__ __forceinline__ Vec load_vec(const T* p) {
+    Vec r;
+    *reinterpret_cast<uint4*>(&r) = *reinterpret_cast<const uint4*>(p);
+    return r;
+}
+__device__ __forceinline__ void store_vec(T* p, const Vec& r) {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
+}
 
 template <typename V> __device__ __forceinline__ V warp_sum(V v) {   // every lane gets the sum
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -124,6 +147,8 @@ def register_source(kind, name, source, **spec):
     source compiled with PRELUDE for each storage dtype) or "elementwise" (an ElementwiseKernel:
     ``spec`` holds in_params, out_params and ``types``, the dtypes of its type placeholders other
     than T). ``dtypes``: the storage dtypes it is built for (default float16, float32, float64).
+    ``needs``: names of raw sources (which need nothing themselves) that this one is compiled after,
+    e.g. shared device helpers: the launcher passes their text + this source to ``raw_kernel``.
     Returns ``source``."""
     SOURCES.append(dict(kind=kind, name=name, source=source, **spec))
     return source
@@ -157,11 +182,13 @@ _C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int64
 
 def cuda_source(entry, dtype):
     """Complete CUDA source (one translation unit) for a registered entry and storage dtype, as
-    nvcc compiles it: RawKernels with PRELUDE; an ElementwiseKernel as a grid-stride loop over its
-    elements with the typed parameters CuPy would declare (``T`` = the storage type)."""
+    nvcc compiles it: RawKernels with PRELUDE (and the sources it ``needs``); an ElementwiseKernel as
+    a grid-stride loop over its elements with the typed parameters CuPy would declare (``T`` = the
+    storage type)."""
     T, A = TYPES[np.dtype(dtype)]
     if entry["kind"] == "raw":
-        return PRELUDE % {"T": T, "A": A} + entry["source"]
+        needed = [next(e["source"] for e in SOURCES if e["name"] == n) for n in entry.get("needs", ())]
+        return PRELUDE % {"T": T, "A": A} + "".join(needed) + entry["source"]
     types = {"T": T, **{k: _C_TYPES.get(v, v) for k, v in entry.get("types", {}).items()}}
     args, loads = [], []
     for params, is_out in ((entry["in_params"], False), (entry["out_params"], True)):

@@ -31,6 +31,8 @@ from ..backend import get_array_module
 from ..engine import Tensor
 from . import _cuda
 from ._cuda import cdiv, contiguous, i32
+from .tuning import tuned
+from .vectorized_kernels import CROSS_ENTROPY_VEC_SOURCE
 
 __all__ = ["cross_entropy", "cross_entropy_reference"]
 
@@ -208,16 +210,26 @@ extern "C" __global__ void npgpt_ce_bwd(const T* x, const long long* t, const A*
 """)
 
 
-def _threads_per_row(V):
-    """Threads per row for the cross-entropy kernels: a multiple of 32, at most 1024."""
-    return min(1024, 32 * cdiv(V, 32))
+def _threads_per_row(V, per_thread=1):
+    """Threads per row for the cross-entropy kernels (``per_thread`` columns each): a multiple of 32,
+    at most 1024."""
+    return min(1024, 32 * cdiv(cdiv(V, per_thread), 32))
 
 
-def cross_entropy_forward_cuda(logits, targets, ignore_index=-100, vocab_size=None):
+def _vectorized(xp, vectorized, ld, *arrays):
+    """Use the ``_vec`` kernels (vectorized_kernels.py): asked for (None: the tuning table's
+    "cross_entropy_vectorized", off until measured on a GPU, RESULTS.md "GPU work prepared without a
+    GPU") and possible: the row stride ld a multiple of VEC, the arrays 16-byte aligned."""
+    wanted = tuned(xp, "cross_entropy_vectorized") if vectorized is None else vectorized
+    return bool(wanted) and _cuda.vectorizable(ld, *arrays)
+
+
+def cross_entropy_forward_cuda(logits, targets, ignore_index=-100, vocab_size=None, vectorized=None):
     """(X1)-(X3) on CuPy: logits (N, Vp) float16/32/64, targets (N,) integers -> (loss, lse, inv_n):
     the mean loss over the kept rows (0-d), the row logsumexp (N,) and 1/max(n, 1) (0-d), in
     ``acc_dtype(logits.dtype)``. Only the first ``vocab_size`` columns (default all) are classes.
-    Out-of-range targets make the loss NaN; nothing is read back."""
+    Out-of-range targets make the loss NaN; nothing is read back. ``vectorized``: the 16-byte-load
+    kernel where the row stride and alignment allow (None = the tuning table's choice)."""
     xp = get_array_module(logits)
     N, ld = logits.shape
     V = ld if vocab_size is None else vocab_size
@@ -226,7 +238,10 @@ def cross_entropy_forward_cuda(logits, targets, ignore_index=-100, vocab_size=No
     lse, losses = _cuda.empty(xp, (N,), acc), _cuda.empty(xp, (N,), acc)
     loss, inv_n = _cuda.empty(xp, (), acc), _cuda.empty(xp, (), acc)
     ignore = np.int64(ignore_index)
-    if N:
+    if N and _vectorized(xp, vectorized, ld, x):
+        _cuda.raw_kernel(xp, "npgpt_ce_fwd_vec", x.dtype, _CUDA_SOURCE + CROSS_ENTROPY_VEC_SOURCE)(
+            (N,), (_threads_per_row(V, _cuda.vector_width(x.dtype)),), (x, t, lse, losses, i32(V), ignore, i32(ld)))
+    elif N:
         _cuda.raw_kernel(xp, "npgpt_ce_fwd", x.dtype, _CUDA_SOURCE)(
             (N,), (_threads_per_row(V),), (x, t, lse, losses, i32(V), ignore, i32(ld)))
     _cuda.raw_kernel(xp, "npgpt_ce_mean", x.dtype, _CUDA_SOURCE)(
@@ -234,9 +249,11 @@ def cross_entropy_forward_cuda(logits, targets, ignore_index=-100, vocab_size=No
     return loss, lse, inv_n
 
 
-def cross_entropy_backward_cuda(dloss, logits, targets, lse, inv_n, ignore_index=-100, vocab_size=None):
+def cross_entropy_backward_cuda(dloss, logits, targets, lse, inv_n, ignore_index=-100, vocab_size=None,
+                                vectorized=None):
     """(X4) on CuPy: dlogits (N, Vp) of the logits' dtype, 0 for rows not kept and for the padding
-    columns beyond ``vocab_size``. dloss: the loss's gradient (0-d, on the device, any float dtype)."""
+    columns beyond ``vocab_size``. dloss: the loss's gradient (0-d, on the device, any float dtype).
+    ``vectorized`` as in the forward."""
     xp = get_array_module(logits)
     N, ld = logits.shape
     V = ld if vocab_size is None else vocab_size
@@ -244,9 +261,12 @@ def cross_entropy_backward_cuda(dloss, logits, targets, lse, inv_n, ignore_index
     x, t = contiguous(xp, logits), contiguous(xp, targets, np.int64)
     dloss = contiguous(xp, xp.asarray(dloss), acc).reshape(())
     dx = _cuda.empty(xp, (N, ld), x.dtype)
-    if N and ld:
-        _cuda.raw_kernel(xp, "npgpt_ce_bwd", x.dtype, _CUDA_SOURCE)(
-            (N,), (_threads_per_row(ld),), (x, t, lse, dloss, inv_n, dx, i32(V), np.int64(ignore_index), i32(ld)))
+    args = (x, t, lse, dloss, inv_n, dx, i32(V), np.int64(ignore_index), i32(ld))
+    if N and ld and _vectorized(xp, vectorized, ld, x, dx):
+        _cuda.raw_kernel(xp, "npgpt_ce_bwd_vec", x.dtype, _CUDA_SOURCE + CROSS_ENTROPY_VEC_SOURCE)(
+            (N,), (_threads_per_row(ld, _cuda.vector_width(x.dtype)),), args)
+    elif N and ld:
+        _cuda.raw_kernel(xp, "npgpt_ce_bwd", x.dtype, _CUDA_SOURCE)((N,), (_threads_per_row(ld),), args)
     return dx
 
 

@@ -1,8 +1,9 @@
 """FlashAttention-2 (Dao 2023): causal attention in tiles, with no (Tq, Tk) array in either pass.
 The math is ``attention.py``'s (A1)-(A9); this file derives the tiled form its CUDA kernels
-(``flash_attention_cuda.py``: tensor cores, float16 in, float32 accumulation) compute, and holds a
-NumPy emulation of those kernels with exactly their tiles and loops, which the tests check against
-the materialized path and float64 references. Shapes: q (B, NH, Tq, hs), k and v (B, NH, Tk, hs),
+(``flash_attention_cuda.py``, forward, and ``flash_attention_cuda_backward.py``: tensor cores,
+float16 in, float32 accumulation) compute, and holds a NumPy emulation of those kernels with
+exactly their tiles and loops, which the tests check against the materialized path and float64
+references. Shapes: q (B, NH, Tq, hs), k and v (B, NH, Tk, hs),
 Tq <= Tk; query i sees key j <= i + Tk - Tq (A9); s = 1/sqrt(hs).
 
 Forward. Query tile I (BR rows) meets key tiles J = 0, 1, ... (BC keys each). Per row, keep a running
@@ -51,8 +52,8 @@ import numpy as np
 from ..backend import get_array_module
 from ..engine import Tensor
 from ._attention_common import score_dtype_of
-from .flash_attention_cuda import (BLOCK, HEAD_SIZES, backward_block_rows, flash_backward_cuda, flash_forward_cuda,
-                                   kernel_applies)
+from .flash_attention_cuda import BLOCK, HEAD_SIZES, flash_forward_cuda, kernel_applies
+from .flash_attention_cuda_backward import backward_block_rows, flash_backward_cuda
 
 __all__ = ["flash_attention", "flash_attention_reference", "flash_attention_tiled_forward",
            "flash_attention_tiled_backward", "use_flash", "key_tiles", "query_tiles_from", "AUTO", "HEAD_SIZES"]

@@ -27,7 +27,7 @@ from ..engine import Tensor
 from . import _cuda
 from ._threads import run_chunked
 
-__all__ = ["gelu", "gelu_reference", "GELU_A", "GELU_B", "bias_gelu"]
+__all__ = ["gelu", "gelu_reference", "GELU_A", "GELU_B"]
 
 GELU_A = math.sqrt(2.0 / math.pi)  # Python floats: a NumPy float64 scalar would upcast float32
 GELU_B = 0.044715
@@ -108,21 +108,22 @@ _CONSTANTS = {"a": GELU_A, "ab": GELU_A * GELU_B, "ha": 0.5 * GELU_A, "h3ab": 1.
 _PARAMS = {"forward": ("T x", "T y"), "backward": ("T x, T dout", "T dinp")}
 
 
-def _body(which, acc):
+def gelu_kernel_body(which, acc):
+    """The ElementwiseKernel body of "forward" or "backward" with ACC = ``acc`` (also ``bias_gelu.py``'s)."""
     body = ((_FORWARD_BODY if which == "forward" else _BACKWARD_BODY) % _CONSTANTS).replace("ACC", acc)
     return body.replace("TANH", "tanh" if acc == "double" else "tanhf")
 
 
 for _which in _PARAMS:
     for _acc in ("float", "double"):
-        _cuda.register_source("elementwise", f"npgpt_gelu_{_which}_{_acc}", _body(_which, _acc),
+        _cuda.register_source("elementwise", f"npgpt_gelu_{_which}_{_acc}", gelu_kernel_body(_which, _acc),
                               in_params=_PARAMS[_which][0], out_params=_PARAMS[_which][1],
                               dtypes=("float64",) if _acc == "double" else ("float16", "float32"))
 
 
 def _gelu_kernel(xp, which, dtype):
     acc = "double" if np.dtype(dtype) == np.float64 else "float"
-    return _cuda.elementwise_kernel(xp, f"npgpt_gelu_{which}_{acc}", *_PARAMS[which], _body(which, acc), acc)
+    return _cuda.elementwise_kernel(xp, f"npgpt_gelu_{which}_{acc}", *_PARAMS[which], gelu_kernel_body(which, acc), acc)
 
 
 def gelu_forward_cuda(x):
@@ -155,66 +156,3 @@ def gelu(x):
     def backward(dout):
         x._accumulate(gelu_backward(dout, X, s).astype(x.dtype, copy=False))
     return Tensor.from_op(out.astype(x.dtype, copy=False), (x,), backward, "gelu")
-
-
-# ---- fused bias + GELU (CUDA) -------------------------------------------------------------------
-# GELU(h + b) for the MLP's first projection h = x W (without its bias): one pass instead of the
-# bias add (read h, write h + b) and GELU (read it back, write y); the backward recomputes u from h
-# and b, writes dh = dout * (G3) and the bias gradient is its column sum. h + b is not rounded to
-# the storage dtype in between (the unfused path rounds it). Not yet measured on a GPU; nothing
-# calls it by default.
-
-_BIAS_PARAMS = {"forward": ("T x, T b", "T y"), "backward": ("T x, T b, T dout", "T dinp")}
-
-
-def _bias_body(which, acc):
-    body = _body(which, acc)
-    assert f"{acc} v = ({acc})x;" in body
-    return body.replace(f"{acc} v = ({acc})x;", f"{acc} v = ({acc})x + ({acc})b;")
-
-
-for _which in _BIAS_PARAMS:
-    for _acc in ("float", "double"):
-        _cuda.register_source("elementwise", f"npgpt_bias_gelu_{_which}_{_acc}", _bias_body(_which, _acc),
-                              in_params=_BIAS_PARAMS[_which][0], out_params=_BIAS_PARAMS[_which][1],
-                              dtypes=("float64",) if _acc == "double" else ("float16", "float32"))
-
-
-def _bias_gelu_kernel(xp, which, dtype):
-    acc = "double" if np.dtype(dtype) == np.float64 else "float"
-    return _cuda.elementwise_kernel(xp, f"npgpt_bias_gelu_{which}_{acc}", *_BIAS_PARAMS[which],
-                                    _bias_body(which, acc), acc)
-
-
-def bias_gelu_forward_cuda(h, b):
-    """(G1)-(G2) of h + b on CuPy: h (N, C), b (C,) -> y (N, C) of h's dtype."""
-    xp = get_array_module(h)
-    y = _cuda.empty(xp, h.shape, h.dtype)
-    _bias_gelu_kernel(xp, "forward", h.dtype)(h, b.astype(h.dtype, copy=False), y)
-    return y
-
-
-def bias_gelu_backward_cuda(h, b, dout):
-    """(G3)-(G4) of h + b on CuPy: -> (dh (N, C) of h's dtype, db (C,) summed in the accumulation dtype)."""
-    xp = get_array_module(h)
-    dh = _cuda.empty(xp, h.shape, h.dtype)
-    _bias_gelu_kernel(xp, "backward", h.dtype)(h, b.astype(h.dtype, copy=False), dout.astype(h.dtype, copy=False), dh)
-    return dh, dh.sum(axis=0, dtype=_cuda.acc_dtype(h.dtype))
-
-
-def bias_gelu(h, bias):
-    """GELU(h + bias) as one node: h (..., C), bias (C,) Tensors -> (..., C). On CuPy with the kernels
-    on, one fused kernel each way; elsewhere the plain add and ``gelu`` (the NumPy path unchanged)."""
-    xp = get_array_module(h.data)
-    C = h.shape[-1]
-    H = xp.ascontiguousarray(h.data).reshape(-1, C)
-    if not (_cuda.use_cuda_kernels(xp, H, bias.data) and bias.shape == (C,)):
-        return gelu(h + bias)
-
-    def backward(dout):
-        dh, db = bias_gelu_backward_cuda(H, bias.data, dout.reshape(-1, C))
-        if h.requires_grad:
-            h._accumulate(dh.reshape(h.shape), owned=True)
-        if bias.requires_grad:
-            bias._accumulate(db.astype(bias.dtype), owned=True)
-    return Tensor.from_op(bias_gelu_forward_cuda(H, bias.data).reshape(h.shape), (h, bias), backward, "gelu")

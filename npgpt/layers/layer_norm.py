@@ -23,8 +23,10 @@ from ..backend import get_array_module
 from ..engine import Tensor
 from . import _cuda
 from ._cuda import cdiv, contiguous, i32
+from .tuning import tuned
+from .vectorized_kernels import LAYER_NORM_VEC_SOURCE
 
-__all__ = ["layer_norm", "layer_norm_reference", "residual_layer_norm"]
+__all__ = ["layer_norm", "layer_norm_reference"]
 
 
 # ---- reference: (N1)-(N4) composed from engine primitives ---------------------------------------
@@ -181,16 +183,25 @@ extern "C" __global__ void npgpt_ln_bwd_cols(const A* part_dw, const A* part_db,
         put(db + c, t);
     }
 }
+
 """)
 
-_ROW_BLOCK = 256          # 8 warps: one row per warp (forward and the backward's row phase)
+ROW_BLOCK = 256           # 8 warps: one row per warp (forward and the backward's row phase)
 _MAX_BLOCKS = 512         # the backward's grid: rows are split into at most this many blocks
 _COLS_BLOCK = 1024        # npgpt_ln_bwd_cols assumes exactly 32 x 32 threads
 
 
-def layer_norm_forward_cuda(x, weight, bias, eps):
+def _vectorized(xp, vectorized, C, *arrays):
+    """Use the ``_vec`` kernels: asked for (None: the tuning table's "layer_norm_vectorized", off until
+    measured on a GPU, RESULTS.md "GPU work prepared without a GPU") and possible for these arrays."""
+    wanted = tuned(xp, "layer_norm_vectorized") if vectorized is None else vectorized
+    return bool(wanted) and _cuda.vectorizable(C, *arrays)
+
+
+def layer_norm_forward_cuda(x, weight, bias, eps, vectorized=None):
     """(N1)-(N4) on CuPy: x (N, C) float16/32/64, weight and bias (C,) or None -> y (N, C) of x's
-    dtype and the row mean μ and rstd = 1/σ (N,) in ``acc_dtype(x.dtype)``."""
+    dtype and the row mean μ and rstd = 1/σ (N,) in ``acc_dtype(x.dtype)``. ``vectorized``: the
+    16-byte-load kernel (when C and the alignments allow; None = the tuning table's choice)."""
     xp = get_array_module(x)
     N, C = x.shape
     acc = _cuda.acc_dtype(x.dtype)
@@ -199,17 +210,19 @@ def layer_norm_forward_cuda(x, weight, bias, eps):
     b = x if bias is None else contiguous(xp, bias, x.dtype)
     y, mean, rstd = _cuda.empty(xp, (N, C), x.dtype), _cuda.empty(xp, (N,), acc), _cuda.empty(xp, (N,), acc)
     if N and C:
-        _cuda.raw_kernel(xp, "npgpt_ln_fwd", x.dtype, _CUDA_SOURCE)(
-            (cdiv(N, _ROW_BLOCK // 32),), (_ROW_BLOCK,),
+        name, source = (("npgpt_ln_fwd_vec", LAYER_NORM_VEC_SOURCE) if _vectorized(xp, vectorized, C, x, w, b, y)
+                        else ("npgpt_ln_fwd", _CUDA_SOURCE))
+        _cuda.raw_kernel(xp, name, x.dtype, source)(
+            (cdiv(N, ROW_BLOCK // 32),), (ROW_BLOCK,),
             (x, w, b, y, mean, rstd, i32(N), i32(C), acc.type(eps),
              np.int32(weight is not None), np.int32(bias is not None)))
     return y, mean, rstd
 
 
-def layer_norm_backward_cuda(dout, x, weight, mean, rstd, need_dinp=True, need_dwb=True):
+def layer_norm_backward_cuda(dout, x, weight, mean, rstd, need_dinp=True, need_dwb=True, vectorized=None):
     """(N5)-(N7) on CuPy: dout, x (N, C), weight (C,) or None, mean and rstd (N,) from the forward ->
     (dinp (N, C) or None, dweight (C,) or None, dbias (C,) or None), all of x's dtype;
-    dinp only if ``need_dinp``, dweight and dbias only if ``need_dwb``."""
+    dinp only if ``need_dinp``, dweight and dbias only if ``need_dwb``; ``vectorized`` as forward."""
     xp = get_array_module(x)
     N, C = x.shape
     acc = _cuda.acc_dtype(x.dtype)
@@ -227,8 +240,10 @@ def layer_norm_backward_cuda(dout, x, weight, mean, rstd, need_dinp=True, need_d
             dw.fill(0)
             db.fill(0)
         return dinp, dw, db
-    _cuda.raw_kernel(xp, "npgpt_ln_bwd", x.dtype, _CUDA_SOURCE)(
-        (G,), (_ROW_BLOCK,),
+    vec = _vectorized(xp, vectorized, C, dout, x, w, *(a for a in (dinp,) if a is not None))
+    _cuda.raw_kernel(xp, "npgpt_ln_bwd_vec" if vec else "npgpt_ln_bwd", x.dtype,
+                     LAYER_NORM_VEC_SOURCE if vec else _CUDA_SOURCE)(
+        (G,), (ROW_BLOCK,),
         (dout, x, w, mean, rstd, x if dinp is None else dinp, mean if part_dw is None else part_dw,
          mean if part_db is None else part_db, i32(N), i32(C), i32(rows_per_block),
          np.int32(weight is not None), np.int32(need_dinp), np.int32(need_dwb)))
@@ -271,126 +286,3 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
             x._accumulate(dinp.astype(x.dtype, copy=False).reshape(x.shape), owned=cuda)
     parents = tuple(t for t in (x, weight, bias) if t is not None)
     return Tensor.from_op(out.astype(x.dtype, copy=False).reshape(x.shape), parents, backward, "layer_norm")
-
-
-# ---- fused residual add + layer norm (CUDA) -----------------------------------------------------
-# A pre-LN block computes r = x + delta (the residual stream) and then LN(r): one kernel writes r and
-# LN(r) in one pass over the row (llm.c's fused_residual_forward), instead of an add that writes r and
-# a layer norm that reads it back. r is rounded to T before its statistics, exactly as the unfused
-# add would store it. r's gradient is dres (from r's other consumer) + (N5) of dy: the rows kernel
-# adds the two in the same pass. Not yet measured on a GPU; nothing calls it by default.
-
-_RESIDUAL_SOURCE = _cuda.register_source("raw", "residual_layer_norm", r"""
-extern "C" __global__ void npgpt_res_ln_fwd(const T* x, const T* d, const T* w, const T* b, T* r, T* y,
-                                            A* mean, A* rstd, int N, int C, A eps, int has_w, int has_b) {
-    const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= N) return;                     // uniform over the warp
-    const long long off = row * C;
-    A s = 0;
-    for (int c = lane; c < C; c += 32) { put(r + off + c, to_acc(x[off + c]) + to_acc(d[off + c])); s += to_acc(r[off + c]); }
-    const A mu = warp_sum(s) / (A)C;          // each lane reads back only what it wrote: no sync needed
-    A v = 0;
-    for (int c = lane; c < C; c += 32) { A e = to_acc(r[off + c]) - mu; v += e * e; }
-    const A rs = (A)1 / sq(warp_sum(v) / (A)C + eps);
-    for (int c = lane; c < C; c += 32) {
-        A o = (to_acc(r[off + c]) - mu) * rs;
-        if (has_w) o *= to_acc(w[c]);
-        if (has_b) o += to_acc(b[c]);
-        put(y + off + c, o);
-    }
-    if (lane == 0) { mean[row] = mu; rstd[row] = rs; }
-}
-
-// dinp = dres + (g - mean(g) - xhat mean(g xhat)) rstd, g = dout w: (N5) plus r's other gradient.
-extern "C" __global__ void npgpt_res_ln_bwd_rows(const T* dres, const T* dout, const T* r, const T* w,
-                                                 const A* mean, const A* rstd, T* dinp, int N, int C, int has_w) {
-    const int lane = threadIdx.x & 31;
-    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= N) return;
-    const long long off = row * C;
-    const A mu = mean[row], rs = rstd[row];
-    A sg = 0, sgx = 0;
-    for (int c = lane; c < C; c += 32) {
-        const A g = to_acc(dout[off + c]) * (has_w ? to_acc(w[c]) : (A)1);
-        sg += g;
-        sgx += g * (to_acc(r[off + c]) - mu) * rs;
-    }
-    const A mg = warp_sum(sg) / (A)C, mgx = warp_sum(sgx) / (A)C;
-    for (int c = lane; c < C; c += 32) {
-        const A g = to_acc(dout[off + c]) * (has_w ? to_acc(w[c]) : (A)1);
-        put(dinp + off + c, (g - mg - (to_acc(r[off + c]) - mu) * rs * mgx) * rs + to_acc(dres[off + c]));
-    }
-}
-""")
-
-
-def residual_layer_norm_forward_cuda(x, delta, weight, bias, eps):
-    """r = x + delta and (N1)-(N4) of r on CuPy, one pass: x, delta (N, C) -> (r, y (N, C) of x's dtype,
-    mean, rstd (N,) in ``acc_dtype``)."""
-    xp = get_array_module(x)
-    N, C = x.shape
-    acc = _cuda.acc_dtype(x.dtype)
-    x, delta = contiguous(xp, x), contiguous(xp, delta, x.dtype)
-    w = x if weight is None else contiguous(xp, weight, x.dtype)
-    b = x if bias is None else contiguous(xp, bias, x.dtype)
-    r, y = _cuda.empty(xp, (N, C), x.dtype), _cuda.empty(xp, (N, C), x.dtype)
-    mean, rstd = _cuda.empty(xp, (N,), acc), _cuda.empty(xp, (N,), acc)
-    if N and C:
-        _cuda.raw_kernel(xp, "npgpt_res_ln_fwd", x.dtype, _RESIDUAL_SOURCE)(
-            (cdiv(N, _ROW_BLOCK // 32),), (_ROW_BLOCK,),
-            (x, delta, w, b, r, y, mean, rstd, i32(N), i32(C), acc.type(eps),
-             np.int32(weight is not None), np.int32(bias is not None)))
-    return r, y, mean, rstd
-
-
-def residual_layer_norm_backward_cuda(dres, dout, r, weight, mean, rstd):
-    """dres + (N5) on CuPy, one pass: dres, dout, r (N, C) -> dinp (N, C) of r's dtype."""
-    xp = get_array_module(r)
-    N, C = r.shape
-    dres, dout = contiguous(xp, dres, r.dtype), contiguous(xp, dout, r.dtype)
-    w = r if weight is None else contiguous(xp, weight, r.dtype)
-    dinp = _cuda.empty(xp, (N, C), r.dtype)
-    if N and C:
-        _cuda.raw_kernel(xp, "npgpt_res_ln_bwd_rows", r.dtype, _RESIDUAL_SOURCE)(
-            (cdiv(N, _ROW_BLOCK // 32),), (_ROW_BLOCK,),
-            (dres, dout, r, w, mean, rstd, dinp, i32(N), i32(C), np.int32(weight is not None)))
-    return dinp
-
-
-def residual_layer_norm(x, delta, weight=None, bias=None, eps=1e-5):
-    """(r, LN(r)) with r = x + delta: x, delta (..., C) Tensors -> two (..., C) Tensors. On CuPy with
-    the kernels on, one fused forward kernel; in the backward, when r's other gradient has already
-    arrived (the next residual add's, which the reverse order delivers first), the layer norm's
-    gradient is added to it in the same pass. Elsewhere the plain add and ``layer_norm``."""
-    xp = get_array_module(x.data)
-    C = x.shape[-1]
-    X, D = x.data.reshape(-1, C), delta.data.reshape(-1, C)
-    w, b = (t.data if t is not None else None for t in (weight, bias))
-    if not (_cuda.use_cuda_kernels(xp, X, D, *(a for a in (w, b) if a is not None)) and x.shape == delta.shape):
-        residual = x + delta
-        return residual, layer_norm(residual, weight, bias, eps)
-    R, Y, mean, rstd = residual_layer_norm_forward_cuda(X, D, w, b, eps)
-
-    def residual_backward(g):                                # r = x + delta: both get r's gradient
-        x._accumulate(g)
-        delta._accumulate(g)
-    residual = Tensor.from_op(R.reshape(x.shape), (x, delta), residual_backward, "add")
-
-    def backward(dout):
-        dout = dout.reshape(-1, C)
-        if residual.grad is not None:                        # fused: dres + (N5) in one pass
-            residual.grad = residual_layer_norm_backward_cuda(residual.grad.reshape(-1, C), dout, R, w, mean,
-                                                              rstd).reshape(x.shape)
-            residual._grad_owned = True
-        else:
-            dinp, _, _ = layer_norm_backward_cuda(dout, R, w, mean, rstd, True, False)
-            residual._accumulate(dinp.reshape(x.shape), owned=True)
-        if (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad):
-            _, dweight, dbias = layer_norm_backward_cuda(dout, R, w, mean, rstd, False, True)
-            if weight is not None and weight.requires_grad:
-                weight._accumulate(dweight.astype(weight.dtype, copy=False), owned=True)
-            if bias is not None and bias.requires_grad:
-                bias._accumulate(dbias.astype(bias.dtype, copy=False), owned=True)
-    parents = tuple(t for t in (residual, weight, bias) if t is not None)
-    return residual, Tensor.from_op(Y.reshape(x.shape), parents, backward, "layer_norm")

@@ -21,6 +21,10 @@ TUNING = {
         "attention_chunked_min_t": 256,      # RESULTS.md: attention on the H100, materialized vs chunked
         "attention_block_rows": 256,         # RESULTS.md: attention on the H100, block rows 128/256/512
         "attention_block_bytes": 256 << 20,  # cap on one block's float32 scores (memory, not speed)
+        # not yet measured: the 16-byte-load kernels stay off until a GPU shows them faster
+        # (RESULTS.md, "GPU work prepared without a GPU"); True picks them where C and alignment allow
+        "layer_norm_vectorized": False,
+        "cross_entropy_vectorized": False,
     },
 }
 

@@ -21,6 +21,14 @@ One step over the flat gradient g (``flat.FlatParameters``), with S = 1 without 
 On CuPy every scalar above stays on the GPU (0-d arrays), and the per-element part is ONE launch
 of the AdamW kernel per param group, so a step costs the norm's passes, those launches and a few
 tiny scalar launches, and never copies to the host. On NumPy the same formulas run as ufuncs.
+
+On CuPy the step can also be recorded in a CUDA graph (``npgpt.cuda_graphs``) and replayed: every
+value that changes between steps lives in a persistent 0-d device array that the step updates in
+place (S, the good-step count, the skipped count, t, the last norm), and the host values the step
+reads (each group's lr, and the decay 1 - lr wd) are written into persistent 0-d arrays by
+``load_hyperparameters`` before the device part (``step_on_device``) runs. A replayed graph reads
+and writes the same buffers, so it follows the learning-rate schedule and the loss scale. On NumPy
+the step is unchanged (plain rebinding, Python floats).
 """
 from functools import partial
 
@@ -96,6 +104,12 @@ class FlatAdamW(Optimizer):
         self.grad_norm = xp.asarray(0.0, dtype=np.float32)
         self.max_grad_norm = float(max_grad_norm)
         self.cuda_kernel = cuda_kernel          # None: the CUDA kernel on CuPy (unless switched off); False: array code
+        self._true, self._one = xp.asarray(True), xp.asarray(1.0)       # constants: no upload inside a step
+        self._device_hyper = None               # CuPy: per group (lr float64, decay), 0-d, updated in place
+        if xp is not np:
+            self.grad_norm = xp.zeros((), _cuda.acc_dtype(self.flat.grad.dtype))   # the norm's own dtype
+            self._device_hyper = [(xp.zeros((), np.float64), xp.zeros((), self.master.dtype))
+                                  for _ in self.param_groups]
 
     # ---- the user-facing loop ------------------------------------------------------------------
     @property
@@ -123,34 +137,78 @@ class FlatAdamW(Optimizer):
     def step(self):
         """Unscale, check for inf/nan, clip, update the master weights and refresh the fp16 copy;
         a step with non-finite gradients changes nothing but the loss scale (see the module doc)."""
-        xp = self.xp
         self.step_count += 1
+        self.load_hyperparameters()
+        self.step_on_device()
+
+    def load_hyperparameters(self):
+        """CuPy: each group's lr and decay 1 - lr wd (host values, e.g. from ``set_lr``) into the
+        persistent 0-d arrays ``step_on_device`` reads: one fill each, outside any recorded graph.
+        Nothing on NumPy, where the step reads the Python floats."""
+        if self._device_hyper is None:
+            return
+        for group, (lr, decay) in zip(self.param_groups, self._device_hyper):
+            lr.fill(group["lr"])
+            decay.fill(group_scalars(group)["decay"])
+
+    @property
+    def capturable(self):
+        """``step_on_device`` can be recorded in a CUDA graph: CuPy with the AdamW kernel (the array
+        code branches on the host when a step is skipped)."""
+        return self._device_hyper is not None and self._use_kernel()
+
+    def step_buffers(self):
+        """Every array a step and ``zero_grad`` write (weights, master copy, moments, gradient, scaler
+        state, t, the last norm): what ``npgpt.cuda_graphs`` saves and restores around a warm-up step."""
+        arrays = [self.flat.data, self.flat.grad, self.exp_avg, self.exp_avg_sq, self._t, self._scale,
+                  self._good, self._skipped, self.grad_norm]
+        return arrays + ([self.master] if self.mixed else [])
+
+    def _use_kernel(self):
+        return (self.cuda_kernel is not False and self.xp is not np and _cuda.enabled()
+                and self.master.dtype == np.float32)
+
+    def _set(self, name, value):
+        """State ``name`` = value: rebound on NumPy (as always); on CuPy written into the persistent
+        0-d array, so a recorded graph keeps reading and writing the same buffer."""
+        if self.xp is np:
+            setattr(self, name, value)
+        else:
+            self.xp.copyto(getattr(self, name), value, casting="unsafe")
+
+    def step_on_device(self):
+        """The step without its host bookkeeping (``step_count``, ``load_hyperparameters``): on CuPy
+        with the kernel it only launches device work, so ``npgpt.cuda_graphs`` can record it."""
+        xp = self.xp
         S = self._scale
         if self.scaled or self.max_grad_norm > 0:
             norm_scaled = global_grad_norm(self.flat.grad)                      # (M1), 0-d
             ok = xp.isfinite(norm_scaled)                                       # (M2)
-            self.grad_norm = norm = norm_scaled / S                             # (M3)
+            norm = norm_scaled / S                                              # (M3)
+            self._set("grad_norm", norm)
             clip = xp.minimum(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 else 1.0
             grad_scale = xp.where(ok, clip / S, 0.0)                            # (M4), adamw (0)
         else:
-            ok, grad_scale = xp.asarray(True), xp.asarray(1.0)
+            ok, grad_scale = self._true, self._one
         if not self.dynamic:
-            ok = xp.asarray(True)          # without dynamic scaling a step is never skipped (as torch)
-        self._t = self._t + ok.astype(np.int64)                                 # (M5)
+            ok = self._true                # without dynamic scaling a step is never skipped (as torch)
+        self._set("_t", self._t + ok.astype(np.int64))                         # (M5)
         t = xp.maximum(self._t, 1).astype(np.float64)        # adamw (5): t counts the taken steps
-        use_kernel = (self.cuda_kernel is not False and xp is not np and _cuda.enabled()
-                      and self.master.dtype == np.float32)
+        use_kernel = self._use_kernel()
         if not use_kernel and not bool(ok):                  # the array code: a host branch
             self._update_scale(ok)
             return
         if not use_kernel and self._flat_scratch is None:
             self._flat_scratch = xp.empty_like(self.master)
         dtype = self.master.dtype
-        for group, sl in zip(self.param_groups, self.flat.group_slices):
+        hyper = self._device_hyper or [(group["lr"], None) for group in self.param_groups]
+        for group, sl, (lr, decay) in zip(self.param_groups, self.flat.group_slices, hyper):
             b1, b2 = group["betas"]
             args = dict(group_scalars(group), grad_scale=scalar(grad_scale, dtype),   # 0-d, on the device
-                        step_size=scalar(group["lr"] / (1.0 - xp.power(b1, t)), dtype),
+                        step_size=scalar(lr / (1.0 - xp.power(b1, t)), dtype),
                         bias_correction2_sqrt=scalar(xp.sqrt(1.0 - xp.power(b2, t)), dtype))
+            if decay is not None and use_kernel:
+                args["decay"] = decay                        # CuPy: 1 - lr wd, from the device
             master, param = self.master[sl], self.flat.data[sl]    # the same array without fp16
             if use_kernel:
                 adamw_kernel(xp, self.flat.grad[sl], master, self.exp_avg[sl], self.exp_avg_sq[sl], param,
@@ -169,10 +227,10 @@ class FlatAdamW(Optimizer):
         xp = self.xp
         good = xp.where(ok, self._good + 1, 0)
         grow = good >= self.growth_interval
-        self._scale = xp.where(ok, xp.where(grow, self._scale * 2.0, self._scale),
-                               self._scale * 0.5).astype(np.float32)
-        self._good = xp.where(grow, 0, good)
-        self._skipped = self._skipped + (~ok).astype(np.int64)
+        self._set("_scale", xp.where(ok, xp.where(grow, self._scale * 2.0, self._scale),
+                                     self._scale * 0.5).astype(np.float32))
+        self._set("_good", xp.where(grow, 0, good))
+        self._set("_skipped", self._skipped + (~ok).astype(np.int64))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def master_state_dict(self, model):
@@ -207,7 +265,7 @@ class FlatAdamW(Optimizer):
             flat[...] = xp.asarray(host, dtype=flat.dtype)
         scaler = sd.get("scaler") or {"scale": 1.0, "good": 0, "skipped": 0}   # AdamW's: no scaler
         self.param_groups, self.step_count = groups, step
-        self._t = xp.asarray(max((s.get("step", 0) for s in states), default=0), dtype=np.int64)
-        self._scale = xp.asarray(scaler["scale"], dtype=np.float32)
-        self._good = xp.asarray(int(scaler["good"]), dtype=np.int64)
-        self._skipped = xp.asarray(int(scaler["skipped"]), dtype=np.int64)
+        self._set("_t", xp.asarray(max((s.get("step", 0) for s in states), default=0), dtype=np.int64))
+        self._set("_scale", xp.asarray(scaler["scale"], dtype=np.float32))
+        self._set("_good", xp.asarray(int(scaler["good"]), dtype=np.int64))
+        self._set("_skipped", xp.asarray(int(scaler["skipped"]), dtype=np.int64))
