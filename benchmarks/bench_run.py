@@ -71,7 +71,7 @@ class Phases:
         setattr(owner, attr, timed)
 
 
-def run_npgpt(data_dir, iters, eval_interval, phases):
+def run_npgpt(data_dir, iters, eval_interval, phases, threads):
     """``npgpt.train.train`` with its pieces wrapped in phase timers; returns the final val loss."""
     import npgpt.train as train_module
     from npgpt import train_helpers
@@ -88,7 +88,7 @@ def run_npgpt(data_dir, iters, eval_interval, phases):
     phases.wrap(train_module, "estimate_loss", "eval")
     phases.wrap(train_module.RunLog, "step", "logging")
     cfg = train_module.TrainConfig(data=data_dir, out_dir=out, max_iters=iters, lr_decay_iters=iters,
-                                   eval_interval=eval_interval, progress=True, **KNOBS)
+                                   eval_interval=eval_interval, progress=True, threads=threads, **KNOBS)
     with phases("loop"):
         result = train_module.train(cfg, log=lambda *a: None)
     return result["val_loss"]
@@ -174,7 +174,7 @@ def child(framework, data_dir, iters, eval_interval, threads):
     t0 = time.perf_counter()
     phases = Phases()
     if framework == "npgpt":
-        val = run_npgpt(data_dir, iters, eval_interval, phases)
+        val = run_npgpt(data_dir, iters, eval_interval, phases, threads)
     else:
         val = run_torch(data_dir, iters, eval_interval, phases, threads)
     s = phases.seconds

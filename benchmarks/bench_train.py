@@ -1,7 +1,7 @@
 """Training-step time and peak memory: npgpt vs PyTorch eager, same architecture, same AdamW, float32,
 same thread count, side by side in one run.
 
-    python benchmarks/bench_train.py [--configs baby small] [--steps 20] [--threads 2]
+    python benchmarks/bench_train.py [--configs baby small] [--steps 20] [--threads 2] [--repeats 3]
 
 Prints the median step time (forward + backward + clip + AdamW) of each and the ratio npgpt/torch.
 Peak memory is the growth of the process's max RSS after importing the framework, in a fresh
@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # a checkout, not installed
 
 CONFIGS = {
     "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
@@ -31,7 +33,8 @@ def run_one(framework, name, steps, threads, device="cpu"):
     y = rng.integers(0, c["vocab_size"], (B, c["block_size"]))
     if framework == "npgpt":
         import npgpt
-        from npgpt.optim import clip_grad_norm
+        from npgpt.threads import set_threads
+        set_threads(threads)            # BLAS and the elementwise pool, as torch.set_num_threads
     else:
         import torch
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after the framework's own import
@@ -40,12 +43,12 @@ def run_one(framework, name, steps, threads, device="cpu"):
         if device == "cuda":
             npgpt.backend.use("cupy")
         model = npgpt.GPT(npgpt.GPTConfig(**c))
-        opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95))
+        # the optimizer npgpt train uses: flat AdamW, global-norm clipping inside the step
+        opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), flat=True, max_grad_norm=1.0)
         for _ in range(steps + 3):
             t = time.perf_counter()
             _, loss = model(x, y)
-            loss.backward()
-            clip_grad_norm(model.parameters(), 1.0)
+            opt.backward(loss)
             opt.step()
             opt.zero_grad()
             loss.item()
@@ -82,6 +85,7 @@ def main():
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="fresh processes per framework, alternating")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: npgpt on CuPy vs PyTorch on the GPU")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -100,19 +104,23 @@ def main():
     print(f"device {args.device}, {args.threads} CPU threads, float32, {args.steps} timed steps")
     print(f"{'config':8s} {'framework':9s} {'step ms (median)':>17s} {'peak MB':>9s}")
     for name in args.configs:
-        res = {}
-        for fw in frameworks:
-            out = subprocess.run([sys.executable, __file__, "--child", fw, name, "--steps", str(args.steps),
-                                  "--threads", str(args.threads), "--device", args.device], env=env, capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr)
-                raise SystemExit(1)
-            res[fw] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{name:8s} {fw:9s} {res[fw]['median_ms']:17.1f} {res[fw]['peak_mb']:9.0f}")
+        res = {fw: [] for fw in frameworks}
+        for _ in range(args.repeats):                 # alternating fresh processes
+            for fw in frameworks:
+                out = subprocess.run([sys.executable, __file__, "--child", fw, name, "--steps", str(args.steps),
+                                      "--threads", str(args.threads), "--device", args.device], env=env,
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    print(out.stderr)
+                    raise SystemExit(1)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                res[fw].append(r)
+                print(f"{name:8s} {fw:9s} {r['median_ms']:17.1f} {r['peak_mb']:9.0f}")
         if "torch" in res:
-            print(f"{name:8s} ratio npgpt/torch: step {res['npgpt']['median_ms'] / res['torch']['median_ms']:.2f}x, "
-                  f"memory {res['npgpt']['peak_mb'] / max(res['torch']['peak_mb'], 1):.2f}x")
-
+            med = {fw: sorted(r["median_ms"] for r in rs)[len(rs) // 2] for fw, rs in res.items()}
+            mem = {fw: max(r["peak_mb"] for r in rs) for fw, rs in res.items()}
+            print(f"{name:8s} ratio npgpt/torch: step {med['npgpt'] / med['torch']:.2f}x (median of {args.repeats}), "
+                  f"memory {mem['npgpt'] / max(mem['torch'], 1):.2f}x")
 
 if __name__ == "__main__":
     main()
