@@ -1,6 +1,7 @@
 """npgpt prepare vs a nanoGPT-style tiktoken prepare: MB/s, peak RSS, and projections to large corpora.
 
     python benchmarks/bench_prepare.py --mb 100 [--mb 1000] [--cores 2] [--dir /tmp/bench_prepare]
+    python benchmarks/bench_prepare.py --crossover 1 2 4 8 16 [--repeat 3]
 
 Makes a synthetic corpus of ~200 .txt documents (the bundled Shakespeare, cut and repeated; under
 ``--dir``, never in the repository), then times on the same files and cores
@@ -12,6 +13,11 @@ and prints MB/s of each, the ratio, their peak RSS (``ru_maxrss`` of the child a
 largest single process) and, from the measured bytes per token and MB/s, time and disk for all of
 OpenWebText (~9.0B GPT-2 tokens) and The Pile (~825 GB of text) on ``--cores`` and on 64 cores,
 assuming linear scaling with cores (the work is independent ~1 MB tasks).
+
+``--crossover MB ...`` instead times, for each corpus size, ``npgpt prepare --tokenizer gpt2`` (train.bin /
+val.bin) in one process (``--workers 1``) and on a pool of ``--cores`` workers forced on whatever the size
+(``encode_pool.POOL_MIN_BYTES = 0``), alternating, median of ``--repeat`` runs each: where the pool starts
+to pay is where ``encode_pool.POOL_MIN_BYTES`` belongs.
 """
 import argparse
 import json
@@ -51,7 +57,7 @@ def make_corpus(directory, megabytes):
     os.makedirs(directory, exist_ok=True)
     text = open(SHAKESPEARE, encoding="utf-8").read()
     lines = text.splitlines(keepends=True)
-    per_doc = megabytes * 1_000_000 // N_DOCS
+    per_doc = int(megabytes * 1_000_000) // N_DOCS
     for d in range(N_DOCS):
         path = os.path.join(directory, f"doc_{d:04d}.txt")
         if os.path.exists(path) and os.path.getsize(path) >= per_doc:
@@ -78,13 +84,39 @@ def run_measured(cmd):
     return time.perf_counter() - t0, int(peak_kb) / 1024
 
 
+PREPARE_WITH_POOL_FROM = ("import sys; from npgpt import encode_pool; encode_pool.POOL_MIN_BYTES = int(sys.argv[1]); "
+                          "from npgpt.cli import main; main(sys.argv[2:])")
+
+
+def crossover(sizes, cores, directory, repeat):
+    """Seconds of prepare in one process and on a forced pool of ``cores`` workers, per size in MB."""
+    print(f"{'MB':>6} {'1 process s':>12} {f'pool of {cores} s':>12} {'speed-up':>9}   (medians of {repeat}, "
+          f"load {os.getloadavg()[0]:.1f})")
+    for mb in sizes:
+        corpus = os.path.join(directory, f"corpus_{mb:g}mb")
+        nbytes = make_corpus(corpus, mb)
+        times = {1: [], cores: []}
+        for _ in range(repeat):
+            for workers in times:
+                out = os.path.join(directory, f"out_crossover_{workers}")
+                cmd = [sys.executable, "-c", PREPARE_WITH_POOL_FROM, "0", "prepare", "--input", corpus, "--out_dir",
+                       out, "--tokenizer", "gpt2", "--workers", str(workers), "--no_progress"]
+                times[workers].append(run_measured(cmd)[0])
+        one, pool = sorted(times[1])[repeat // 2], sorted(times[cores])[repeat // 2]
+        print(f"{nbytes / 1e6:6.2f} {one:12.2f} {pool:12.2f} {one / pool:8.2f}x", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=100, help="corpus size in MB (default 100)")
     ap.add_argument("--cores", type=int, default=os.cpu_count())
     ap.add_argument("--dir", default="/tmp/bench_prepare")
     ap.add_argument("--skip_tiktoken", action="store_true")
+    ap.add_argument("--crossover", type=float, nargs="+", metavar="MB", help="one process vs the pool at these sizes")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per size and setting for --crossover")
     args = ap.parse_args()
+    if args.crossover:
+        return crossover(args.crossover, args.cores, args.dir, args.repeat)
     corpus = os.path.join(args.dir, f"corpus_{args.mb}mb")
     nbytes = make_corpus(corpus, args.mb)
     out = os.path.join(args.dir, f"out_{args.mb}mb")

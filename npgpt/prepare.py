@@ -16,9 +16,9 @@ Matching never looks behind, so the text after a safe point tokenizes as it does
 and encoding chunk by chunk gives exactly the ids of whole documents (a hypothesis test checks
 this). A document with no safe point is kept whole.
 
-BPE of inputs over ~8 MB runs on all cores (a process pool, forked where possible, fed ~1 MB tasks,
-at most 2 a worker in flight, results taken in order), so memory does not grow with the corpus;
-smaller inputs are encoded in-process, and so are characters, by a vectorized lookup.
+BPE of inputs over a few MB runs on all cores (``npgpt.encode_pool``: a process pool fed ~1 MB
+tasks, at most 2 a worker in flight, results taken in order), so memory does not grow with the
+corpus; smaller inputs are encoded in-process, and so are characters, by a vectorized lookup.
 ``<|endoftext|>`` separates the documents of a split when the tokenizer has it (the char tokenizer
 has none). Ids are uint16, or uint32 when they can exceed 65,535.
 
@@ -33,16 +33,14 @@ Two layouts (``npgpt.data.load_split`` reads both):
   ``.txt`` file, one document, keeps a position split, cut at the chunk nearest ``1 - val_fraction``
   of its bytes.
 """
-import collections
 import json
-import multiprocessing
 import os
 import re
 
 import numpy as np
 import regex
 
-from . import corpus
+from . import corpus, encode_pool
 from .corpus import is_validation
 from .shards import ShardWriter, write_meta
 
@@ -129,22 +127,10 @@ def _position_splitter(fraction, total_bytes):
     return splitter
 
 
-_worker_tok = None
-
-
-def _init_worker(name, tok=None):
-    """Worker set-up: the parent's tokenizer when forked, else load it by name (spawn)."""
-    global _worker_tok
-    if tok is None:
-        from .tokenizer import tokenizer_from_name
-        tok = tokenizer_from_name(name)
-    _worker_tok = tok
-
-
 def _encode_task(task, tok=None):
     """([train ids, val ids] as uint32 arrays, UTF-8 bytes covered) of one task; None items become
-    ``<|endoftext|>``."""
-    tok = tok or _worker_tok
+    ``<|endoftext|>``. In a pool worker ``tok`` is the worker's (``encode_pool.worker_tokenizer``)."""
+    tok = tok or encode_pool.worker_tokenizer()
     eot = np.asarray([tok.eot_token if tok.eot_token is not None else 0], dtype=np.uint32)
     pieces, nbytes = ([], []), 0
     for split, item in task:
@@ -160,35 +146,8 @@ def _encode_task(task, tok=None):
 
 
 def _encode_in_order(tasks, tok, tokenizer, workers, parallel, skip=0):
-    """Yield (task index, [train ids, val ids], bytes) for each task, in order. The first ``skip`` tasks
-    are not encoded (ids None). With ``parallel``, a process pool encodes with at most 2 tasks per
-    worker in flight, so memory stays bounded however large the input (~2 MB of text a worker)."""
-    if not parallel:
-        for t, task in enumerate(tasks):
-            if t < skip:
-                yield t, None, sum(len(c.encode("utf-8", errors="surrogatepass")) for _, c in task if c)
-            else:
-                yield (t, *_encode_task(task, tok))
-        return
-    if "fork" in multiprocessing.get_all_start_methods():   # workers inherit the loaded tokenizer
-        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer, tok))
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,))
-    pending = collections.deque()
-    try:
-        for t, task in enumerate(tasks):
-            if t < skip:
-                pending.append((t, None, sum(len(c.encode("utf-8", errors="surrogatepass")) for _, c in task if c)))
-            else:
-                pending.append((t, pool.apply_async(_encode_task, (task,)), None))
-            while len(pending) > 2 * workers or (pending and pending[0][1] is None):
-                t0, result, nbytes = pending.popleft()
-                yield (t0, None, nbytes) if result is None else (t0, *result.get())
-        while pending:
-            t0, result, nbytes = pending.popleft()
-            yield (t0, None, nbytes) if result is None else (t0, *result.get())
-    finally:
-        pool.terminate()
+    """``encode_pool.encode_in_order`` of ``_encode_task`` (looked up here at each call)."""
+    return encode_pool.encode_in_order(tasks, _encode_task, tok, tokenizer, workers, parallel, skip)
 
 
 def _char_vocabulary(files, read):
@@ -256,8 +215,7 @@ def prepare(inputs, out_dir, tokenizer="char", val_fraction=0.1, workers=None, p
     dtype = np.uint16 if tok.n_vocab <= 1 << 16 else np.uint32
     total = sum(os.path.getsize(f) for f in files)
     workers = workers or os.cpu_count() or 1
-    # below ~8 MB, starting workers costs more than it saves; characters are a vectorized lookup
-    parallel = tokenizer != "char" and workers > 1 and total > 8 * CHUNK_CHARS
+    parallel = encode_pool.use_pool(tokenizer, workers, total)   # small inputs: faster in-process
     meta.update({"vocab_size": tok.n_vocab, "dtype": np.dtype(dtype).name,
                  "inputs": [os.path.abspath(f) for f in files]})
     if (text_key, tuple(filters), column) != ("text", (), None):

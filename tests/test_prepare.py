@@ -1,5 +1,6 @@
 """npgpt prepare: char and BPE data files decode back to the input documents (joined by
-<|endoftext|> for BPE), chunking never changes pre-tokens, dtype switch, clear errors, and the CLI."""
+<|endoftext|> for BPE), chunking never changes pre-tokens, the worker pool (forked or spawned, plain
+or sharded) writes what one process writes, dtype switch, clear errors, and the CLI."""
 import base64
 import json
 import os
@@ -9,7 +10,7 @@ import pytest
 import regex
 from hypothesis import given, settings, strategies as st
 
-from npgpt import prepare as prep
+from npgpt import encode_pool, prepare as prep
 from npgpt.cli import main
 from npgpt.tokenizer import GPT2_PATTERN, GPT4_PATTERN, CharTokenizer, get_encoding, load_tokenizer_from_meta
 
@@ -37,9 +38,10 @@ def test_char_prepare_round_trip(tmp_path):
 
 @pytest.mark.parametrize("workers, start", [(1, None), (2, "fork"), (2, "spawn")])
 def test_bpe_prepare_documents_chunks_and_workers(tmp_path, monkeypatch, workers, start):
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 300)   # many chunks and tasks; above 8 chunks -> the pool
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 300)   # many chunks and tasks
+    monkeypatch.setattr(encode_pool, "POOL_MIN_BYTES", 0)           # the pool for any input
     if start == "spawn":                            # as where fork is unavailable: workers load by name
-        monkeypatch.setattr(prep.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+        monkeypatch.setattr(encode_pool.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     docs = [TEXT, "Second doc  \n\n  with spaces\n", TEXT[:500], "ünïcödé 🤖 doc"]
     (tmp_path / "d" / "sub").mkdir(parents=True)
     (tmp_path / "d" / "1.txt").write_bytes(docs[0].encode())
@@ -55,6 +57,28 @@ def test_bpe_prepare_documents_chunks_and_workers(tmp_path, monkeypatch, workers
     assert meta["vocab_size"] == 50257 and meta["dtype"] == "uint16" and meta["eot_token"] == 50256
     assert meta["val_tokens"] == len(ids) - int(len(ids) * 0.75)
     assert load_tokenizer_from_meta(meta).decode(ids.tolist()) == "<|endoftext|>".join(docs)
+
+
+def test_pool_only_where_it_pays():
+    big = encode_pool.POOL_MIN_BYTES + 1
+    assert encode_pool.use_pool("gpt2", 2, big) and encode_pool.use_pool("my.json", 2, big)
+    assert not encode_pool.use_pool("gpt2", 2, encode_pool.POOL_MIN_BYTES)     # small: in-process
+    assert not encode_pool.use_pool("gpt2", 1, big) and not encode_pool.use_pool("char", 2, big)
+
+
+def test_sharded_prepare_on_the_pool_writes_the_same_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "CHUNK_CHARS", 400)
+    for i in range(6):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{i}.txt").write_text(TEXT[i * 50:] + f" doc {i}")
+    kw = dict(tokenizer="gpt2", shard_tokens=300, val_fraction=0.3, progress=False)
+    one = prep.prepare(str(tmp_path / "in"), str(tmp_path / "one"), workers=1, **kw)
+    monkeypatch.setattr(encode_pool, "POOL_MIN_BYTES", 0)
+    pool = prep.prepare(str(tmp_path / "in"), str(tmp_path / "pool"), workers=2, **kw)
+    assert {k: v for k, v in one.items() if k != "inputs"} == {k: v for k, v in pool.items() if k != "inputs"}
+    for name in os.listdir(tmp_path / "one"):
+        if name.endswith(".bin"):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "pool" / name).read_bytes()
 
 
 FRAGMENTS = ["ab", "Z", "é", ".", "!", "'s", "1", " ", "  ", "\t", "\n", "\n", "\n\n", "\r\n", "\r", "\u00a0"]

@@ -7,14 +7,19 @@ order in which training learned them. Each pre-token's result is cached (up to 2
 text repeats its words, so most pre-tokens are a dictionary lookup. A long pre-token (a run of
 letters, digits or punctuation: minified code, base64, DNA) merges in O(n log n), see ``bpe_merge``.
 
-Speed: with the cache warm, the regex split is most of the time. For GPT-2's pattern, ASCII text
-is split with an equivalent ASCII-only pattern on Python's ``re`` (about twice as fast as
-``regex`` with Unicode classes). The text is first cut into blocks between a non-space and a
-space character, where no GPT-2 pre-token can span (see ``_blocks``), and each block takes the
-ASCII path when it is pure ASCII.
+Speed (``benchmarks/bench_tokenizer.py``; a fresh encoder must be fast too, as tiktoken keeps no
+cache). For GPT-2's pattern, ASCII text is split with an equivalent ASCII-only pattern on Python's
+``re`` (about twice as fast as ``regex`` with Unicode classes): the text is cut into blocks between
+a non-space and a space character, where no GPT-2 pre-token can span (``_GPT2_CUT``), and each
+block takes the ASCII path when it is pure ASCII. Pre-tokens are then handled ~1 MB of text at a
+time: one cache lookup each (a C loop), and the batch's new pre-tokens together -- one rank lookup
+for those that are a token (most words), and for the rest the merge loop run for all of them at
+once as NumPy steps (``merge.bpe_merge_batch``).
 """
 import functools
+import gc
 import itertools
+import operator
 import re
 
 import regex
@@ -44,11 +49,24 @@ _GPT2_CUT = regex.compile(r"(?<=\S)(?=\s)")
 _BLOCK_CHARS = 1 << 14
 _CACHE_MAX = 500_000
 _CACHE_PIECE = 256
+_BATCH_CHARS = 1 << 20            # text per batch of pre-tokens (~270k of them, ~20 MB of objects)
+_BATCH_MIN = 64                   # new pieces merged together by NumPy (fewer: one by one)
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled(pattern):
     return regex.compile(pattern), (re.compile(GPT2_ASCII_PATTERN) if pattern == GPT2_PATTERN else None)
+
+
+def _cuts(text, size):
+    """(start, end) of consecutive pieces of ``text`` of about ``size`` characters (at least ``size``,
+    under 2 * ``size`` for the last), cut at ``_GPT2_CUT`` points (a piece runs on while it has none)."""
+    start, n = 0, len(text)
+    while start < n:
+        m = _GPT2_CUT.search(text, start + size) if n - start > 2 * size else None
+        end = m.start() if m is not None else n
+        yield start, end
+        start = end
 
 
 def pretokenize(text, pattern=GPT2_PATTERN):
@@ -58,16 +76,22 @@ def pretokenize(text, pattern=GPT2_PATTERN):
     character (safe, see ``_GPT2_CUT``) and pure-ASCII blocks use ``GPT2_ASCII_PATTERN``; the
     concatenated lists always equal ``regex.findall(pattern, text)``."""
     pat, ascii_pat = _compiled(pattern)
-    if ascii_pat is None or len(text) <= 2 * _BLOCK_CHARS:
-        yield (ascii_pat if ascii_pat is not None and text.isascii() else pat).findall(text)
+    if ascii_pat is None:
+        yield pat.findall(text)
         return
-    start, n = 0, len(text)
-    while start < n:
-        m = _GPT2_CUT.search(text, start + _BLOCK_CHARS) if n - start > 2 * _BLOCK_CHARS else None
-        end = m.start() if m is not None else n
+    for start, end in _cuts(text, _BLOCK_CHARS):
         block = text[start:end]
         yield (ascii_pat if block.isascii() else pat).findall(block)
-        start = end
+
+
+def _batches(text, pattern):
+    """The pre-tokens of ``text`` as lists for about _BATCH_CHARS characters each (GPT-2's pattern;
+    other patterns: one list)."""
+    if pattern != GPT2_PATTERN:
+        yield sum(pretokenize(text, pattern), [])
+        return
+    for start, end in _cuts(text, _BATCH_CHARS):
+        yield list(itertools.chain.from_iterable(pretokenize(text[start:end], pattern)))
 
 
 class Encoding:
@@ -93,6 +117,7 @@ class Encoding:
         self._n_vocab = max(self.decoder) + 1
         self._cache = {}                             # pre-token str -> tuple of ids
         self._pair_table = False                     # built by the first long pre-token
+        self._span_table = None                      # built by the first batch of new pre-tokens
 
     def add_decodings(self, id_to_bytes):
         """Ids that decode to bytes but are never produced by encoding (a trained vocabulary can
@@ -117,52 +142,86 @@ class Encoding:
         return set(self.special_tokens)
 
     # ---- encoding ----------------------------------------------------------------------------------
-    def _bpe(self, piece):
-        """Ids of one pre-token (str), stored in the cache (emptied when it reaches _CACHE_MAX)
-        unless longer than _CACHE_PIECE characters (a long run rarely repeats: not worth its memory)."""
-        data = piece.encode("utf-8")                 # a lone surrogate raises: see encode_ordinary
-        rank = self.mergeable_ranks.get(data)        # a whole pre-token that is a token: no merging
-        if rank is not None:
-            ids = (rank,)
+    def _encode_new(self, pieces):
+        """Encode ``pieces``, pre-tokens not in the cache, into the cache; returns None, or when some
+        do not go there (longer than _CACHE_PIECE characters: a long run rarely repeats; or more than
+        the cache holds, _CACHE_MAX) {piece: tuple of ids} of all.
+
+        A piece that is a token is one lookup (most words are). The others merge together by
+        ``bpe_merge_batch`` when there are many (a fresh cache meeting a new text), else one by one;
+        a piece over ``SHORT_PIECE`` bytes merges alone in O(n log n) (``bpe_merge``)."""
+        ranks, cache = self.mergeable_ranks, self._cache
+        pieces = list(pieces)
+        data = [piece.encode("utf-8") for piece in pieces]    # a lone surrogate raises: see encode_ordinary
+        ranked = list(map(ranks.get, data))                     # the piece's rank if it is a token
+        rest = list(itertools.compress(zip(pieces, data), map(operator.is_, ranked, itertools.repeat(None))))
+        short = [(piece, d) for piece, d in rest if len(d) <= merge.SHORT_PIECE]
+        if len(short) >= _BATCH_MIN:
+            if self._span_table is None:
+                self._span_table = merge.span_table(ranks)
+            merged = merge.bpe_merge_batch([d for _, d in short], ranks, self._span_table)
         else:
-            if len(data) > merge.ROUNDS_PIECE and self._pair_table is False:
-                self._pair_table = pair_table(self.mergeable_ranks)
-            ids = tuple(bpe_merge(data, self.mergeable_ranks, self._pair_table or None))
-        if len(piece) <= _CACHE_PIECE:
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[piece] = ids
-        return ids
+            merged = [bpe_merge(d, ranks) for _, d in short]
+        merged = zip([piece for piece, _ in short], map(tuple, merged))
+        long = [(piece, d) for piece, d in rest if len(d) > merge.SHORT_PIECE]
+        for piece, d in long:
+            if len(d) > merge.ROUNDS_PIECE and self._pair_table is False:
+                self._pair_table = pair_table(ranks)
+        long = [(piece, tuple(bpe_merge(d, ranks, self._pair_table or None))) for piece, d in long]
+        if len(cache) + len(pieces) <= _CACHE_MAX and max(map(len, pieces), default=0) <= _CACHE_PIECE:
+            cache.update(zip(pieces, zip(ranked)))   # (rank,) ... then the merged pieces' ids over
+            cache.update(merged)                     # their (None,)
+            cache.update(long)
+            return None
+        found = dict(zip(pieces, zip(ranked)))
+        found.update(merged)
+        found.update(long)
+        cache.update(item for item in found.items() if len(item[0]) <= _CACHE_PIECE and len(cache) < _CACHE_MAX)
+        return found
 
     def _encode_ordinary(self, text):
-        cache, out = self._cache, []
+        """Pre-tokens in batches of about _BATCH_CHARS characters. A batch whose pre-tokens are all
+        cached is one C loop (``map`` of the cache lookup, chained onto the output; a miss stops it
+        with a TypeError). Otherwise the batch's new pre-tokens (a set difference) are encoded
+        together first; when the cache is full it is emptied first."""
+        out, cache = [], self._cache
         get = cache.get
-        expect_new = True                            # did the last block bring new pre-tokens?
-        for pieces in pretokenize(text, self.pattern):
-            ids = None if expect_new else list(map(get, pieces))   # most pre-tokens repeat: one lookup
-            if ids is None or None in ids:
-                new = set(pieces).difference(cache)  # each new pre-token once, then look all up
-                uncached = {}                        # long ones, which _bpe does not cache
-                for p in new:
-                    ids = self._bpe(p)
-                    if len(p) > _CACHE_PIECE:
-                        uncached[p] = ids
-                expect_new = bool(new)
-                ids = list(map(get, pieces))
-                if None in ids:                      # not cached (long), or the cache was emptied
-                    ids = [t if t is not None else uncached[p] if p in uncached else self._bpe(p)
-                           for t, p in zip(ids, pieces)]
-            out.extend(itertools.chain.from_iterable(ids))
+        for pieces in _batches(text, self.pattern):
+            done = len(out)
+            try:
+                out += itertools.chain.from_iterable(map(get, pieces))
+                continue
+            except TypeError:                        # None: a pre-token not in the cache
+                del out[done:]
+            new = set(pieces).difference(cache)
+            if len(cache) + len(new) > _CACHE_MAX:
+                cache.clear()
+                new = set(pieces)
+            found = self._encode_new(new)
+            if found is None:                        # all in the cache now
+                out += itertools.chain.from_iterable(map(get, pieces))
+            else:                                    # long pieces, or more than the cache holds
+                out += itertools.chain.from_iterable(map(found.get, pieces, map(get, pieces)))
         return out
 
     def encode_ordinary(self, text):
         """Ids of ``text`` with special-token strings treated as plain text. As in tiktoken, text that
         is not valid Unicode (lone surrogates) is first round-tripped through UTF-16 with U+FFFD
-        replacement."""
+        replacement.
+
+        The cyclic garbage collector is paused meanwhile: encoding new pre-tokens makes tens of
+        thousands of tuples, and each 700 would start a collection that walks the live containers,
+        the output list among them (a fresh encoder met the 5 MB corpus ~10-15 % faster without them);
+        nothing made here can form a reference cycle."""
+        enabled = gc.isenabled()
+        gc.disable()
         try:
             return self._encode_ordinary(text)
         except UnicodeEncodeError:
             return self._encode_ordinary(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+        finally:
+            if enabled:
+                gc.enable()
 
     def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
         """Ids of ``text``. Special tokens in ``allowed_special`` ("all" or a set) become their ids;

@@ -1,24 +1,27 @@
 """The merge loop of byte-level BPE for one pre-token: the adjacent pair of lowest rank merges, again
 and again, until no adjacent pair is a token; among equal ranks the leftmost pair first, as tiktoken.
 
-Three exact implementations, chosen by the pre-token's length (``bpe_merge``):
+Four exact implementations: three chosen by the pre-token's length (``bpe_merge``):
 - a list loop, O(n^2) but fast for the short pieces of natural text;
 - ``_merge_heap``: a doubly linked list of parts and a min-heap of adjacent pairs, O(n log n), for a
   long run of letters, digits or punctuation (minified code, base64, DNA, 1 MB of "a");
 - ``_merge_rounds``: whole rounds of equal-rank merges in NumPy first, for very long pieces, applied
-  only while a round is provably what one-at-a-time merging would do; the heap finishes.
+  only while a round is provably what one-at-a-time merging would do; the heap finishes;
+and ``bpe_merge_batch`` for many short pre-tokens at once (the new words of a block of text): the
+list loop's steps, one merge per word per step, as NumPy operations over all the words together.
 """
 import heapq
 
 import numpy as np
 
-__all__ = ["bpe_merge", "pair_table", "SHORT_PIECE", "ROUNDS_PIECE"]
+__all__ = ["bpe_merge", "bpe_merge_batch", "span_table", "pair_table", "SHORT_PIECE", "ROUNDS_PIECE"]
 
-_NONE = float("inf")
-_NO_PAIR = 1 << 62
+_NO_PAIR = 1 << 62               # the rank of a pair that is not a token (above every rank)
 SHORT_PIECE = 128                 # longer pre-tokens merge by heap, see bpe_merge
 ROUNDS_PIECE = 4096               # and longer still by NumPy rounds first
 SMALL_ROUNDS = 8
+SPAN_BYTES = 7                    # bpe_merge_batch finds tokens this short by binary search
+BATCH_TAIL = 128                  # bpe_merge_batch hands fewer live pieces to the list loop
 _BYTES = [bytes([b]) for b in range(256)]
 
 
@@ -36,20 +39,122 @@ def bpe_merge(piece, ranks, pair_table=None):
         if pair_table is not None and len(piece) > ROUNDS_PIECE:
             return _merge_rounds(piece, ranks, pair_table)
         return _merge_heap(piece, ranks, list(range(len(piece))), [ranks[b] for b in map(_BYTES.__getitem__, piece)])
-    parts = [_BYTES[c] for c in piece]
+    return _merge_list([_BYTES[c] for c in piece], ranks)
+
+
+def _merge_list(parts, ranks):
+    """The list loop of ``bpe_merge`` from ``parts`` (a list of tokens, bytes); returns their ids."""
+    if len(parts) < 2:
+        return [ranks[p] for p in parts]
     get = ranks.get
-    pair_ranks = [get(a + b, _NONE) for a, b in zip(parts, parts[1:])]
-    best = min(pair_ranks, default=_NONE)
-    while best != _NONE:
+    pair_ranks = [get(a + b, _NO_PAIR) for a, b in zip(parts, parts[1:])]
+    best = min(pair_ranks)
+    while best != _NO_PAIR:                          # (ints only: comparing with a float costs more)
         i = pair_ranks.index(best)
         parts[i] += parts.pop(i + 1)
         del pair_ranks[i]
         if i < len(pair_ranks):
-            pair_ranks[i] = get(parts[i] + parts[i + 1], _NONE)
+            pair_ranks[i] = get(parts[i] + parts[i + 1], _NO_PAIR)
         if i:
-            pair_ranks[i - 1] = get(parts[i - 1] + parts[i], _NONE)
-        best = min(pair_ranks, default=_NONE)
+            pair_ranks[i - 1] = get(parts[i - 1] + parts[i], _NO_PAIR)
+        if not pair_ranks:
+            break
+        best = min(pair_ranks)
     return [ranks[p] for p in parts]
+
+
+def span_table(ranks):
+    """For ``bpe_merge_batch``: the id of each byte (256,), and every token of at most ``SPAN_BYTES``
+    bytes as a sorted integer key (its bytes read as a big-endian number, shifted left by 3 bits,
+    plus its length: distinct tokens, distinct keys) with the token's rank beside it."""
+    byte_ids = np.array([ranks[b] for b in _BYTES], np.int64)
+    tokens = list(ranks)
+    lengths = np.fromiter(map(len, tokens), np.int64, len(tokens))
+    padded = np.array(tokens, f"S{SPAN_BYTES}").view(np.uint8).reshape(-1, SPAN_BYTES)   # (V, SPAN_BYTES)
+    number = np.zeros(len(tokens), np.int64)
+    for k in range(SPAN_BYTES):                      # (longer tokens are cut here, and dropped below)
+        number = number << 8 | padded[:, k]
+    short = lengths <= SPAN_BYTES
+    keys = number[short] >> (8 * (SPAN_BYTES - lengths[short])) << 3 | lengths[short]
+    order = np.argsort(keys)
+    return byte_ids, keys[order], np.fromiter(ranks.values(), np.int64, len(tokens))[short][order]
+
+
+def _span_ranks(starts, ends, windows, joined, ranks, table):
+    """The rank of each byte span [starts, ends) of ``joined`` (``_NO_PAIR`` if not a token): spans of
+    up to SPAN_BYTES bytes by binary search of their keys (from ``windows``: the SPAN_BYTES bytes at
+    each offset as one number), longer ones by dict lookups."""
+    _, keys, key_ranks = table
+    lengths = ends - starts
+    short = lengths <= SPAN_BYTES
+    out = np.full(len(starts), _NO_PAIR, np.int64)
+    q = windows[starts[short]] >> (8 * (SPAN_BYTES - lengths[short])) << 3 | lengths[short]
+    at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+    out[short] = np.where(keys[at] == q, key_ranks[at], _NO_PAIR)
+    if not short.all():
+        get, long = ranks.get, np.flatnonzero(~short)
+        spans = zip(starts[long].tolist(), ends[long].tolist())
+        out[long] = [get(joined[s:e], _NO_PAIR) for s, e in spans]
+    return out
+
+
+def bpe_merge_batch(pieces, ranks, table):
+    """``[bpe_merge(p, ranks) for p in pieces]`` for many short pieces (bytes, 2+ each), in NumPy steps.
+
+    All parts of all pieces sit in flat arrays, each part with its byte span [start, end) in the
+    joined pieces, its id, whether it ends its piece, and the rank of the pair it starts. A step
+    takes each piece's lowest pair rank (``minimum.reduceat``), retires the pieces with none, merges
+    each other piece's leftmost lowest pair -- exactly the list loop's step -- and looks up only the
+    pairs touching a merged part (``_span_ranks``: vectorized up to SPAN_BYTES bytes). Pieces finish
+    in as many steps as their longest needs merges; the last few live pieces finish in the list
+    loop. ``table``: ``span_table(ranks)``."""
+    joined = b"".join(pieces)
+    data = np.frombuffer(joined + bytes(SPAN_BYTES), np.uint8).astype(np.int64)
+    windows = np.zeros(len(joined), np.int64)        # the SPAN_BYTES bytes from each offset, big-endian
+    for k in range(SPAN_BYTES):
+        windows = windows << 8 | data[k:k + len(joined)]
+    counts = np.fromiter(map(len, pieces), np.int64, len(pieces))      # parts of each live piece
+    starts = np.arange(len(joined))
+    ends = starts + 1
+    last = np.zeros(len(joined), bool)               # part ends its piece
+    last[np.cumsum(counts) - 1] = True
+    ids = table[0][data[:len(joined)]]
+    pair_ranks = _span_ranks(starts, np.minimum(starts + 2, len(joined)), windows, joined, ranks, table)
+    pair_ranks[last] = _NO_PAIR                      # no pair across two pieces
+    live = np.arange(len(pieces))                    # index in ``pieces`` of each live piece
+    out = [None] * len(pieces)
+    while True:
+        first = np.cumsum(counts) - counts           # each live piece's first part
+        best = np.minimum.reduceat(pair_ranks, first)
+        done = best == _NO_PAIR
+        if done.any():                               # retire the pieces with no pair left to merge
+            keep = np.repeat(~done, counts)
+            finished, at = ids[~keep].tolist(), 0
+            for i, n in zip(live[done].tolist(), counts[done].tolist()):
+                out[i], at = finished[at:at + n], at + n
+            if done.all():
+                return out
+            ids, starts, ends, last, pair_ranks = ids[keep], starts[keep], ends[keep], last[keep], pair_ranks[keep]
+            live, counts, best = live[~done], counts[~done], best[~done]
+            first = np.cumsum(counts) - counts
+        if len(live) < BATCH_TAIL:                   # a NumPy step costs more than the list loop now
+            parts = [joined[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+            for i, begin, end in zip(live.tolist(), first.tolist(), (first + counts).tolist()):
+                out[i] = _merge_list(parts[begin:end], ranks)
+            return out
+        lowest = np.flatnonzero(pair_ranks == np.repeat(best, counts))
+        piece_of = np.searchsorted(first, lowest, "right")
+        at = lowest[np.concatenate(([True], piece_of[1:] != piece_of[:-1]))]   # leftmost per piece
+        ids[at], ends[at], last[at] = best, ends[at + 1], last[at + 1]        # part at absorbs at + 1
+        keep = np.ones(len(ids), bool)
+        keep[at + 1] = False
+        ids, starts, ends, last, pair_ranks = ids[keep], starts[keep], ends[keep], last[keep], pair_ranks[keep]
+        counts -= 1
+        at -= np.arange(len(at))                     # the merged parts' places after the deletions
+        pair_ranks[at[last[at]]] = _NO_PAIR
+        before = at[at > 0] - 1
+        touched = np.concatenate((at[~last[at]], before[~last[before]]))   # pairs (at, at+1), (at-1, at)
+        pair_ranks[touched] = _span_ranks(starts[touched], ends[touched + 1], windows, joined, ranks, table)
 
 
 def _merge_heap(piece, ranks, starts, part_ids):
