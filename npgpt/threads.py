@@ -5,15 +5,17 @@ Why a default that looks at the machine: a BLAS thread that finds its core taken
 is not descheduled politely; the others spin waiting for it at every product. Measured here
 (benchmarks/RESULTS.md, "CPU threads on a busy machine"): with one of two cores held by another
 process, a 2-thread training step runs several times slower than a 1-thread one. So the default is the
-number of cores this process may run on minus the cores other processes keep busy (the 1-minute load
-average, read once at start), at least 1.
+number of cores this process may run on minus the cores other processes keep busy right now (their
+non-idle share over 0.1 s in ``/proc/stat``, measured once at start; the 1-minute load average where
+there is none), at least 1.
 
-    threads = max(1, cores - round(load average))        cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores - round(busy cores))        cores = len(os.sched_getaffinity(0))
 
 ``NPGPT_THREADS`` or ``--threads`` (any command; ``npgpt train --threads N`` is a knob) overrides it.
 The BLAS limit goes through ``threadpoolctl`` (OpenBLAS, MKL or BLIS, whichever NumPy loaded).
 """
 import os
+import time
 
 __all__ = ["cores", "default_threads", "set_threads", "get_threads", "use_threads"]
 
@@ -34,12 +36,50 @@ def default_threads():
     if env:
         return _check(env, "NPGPT_THREADS"), "NPGPT_THREADS"
     n = cores()
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):               # no load average on this platform
+    busy, how = busy_cores()
+    if busy is None:
         return n, f"{n} cores"
     free = max(1, min(n, n - round(busy)))
-    return free, f"{n} cores, load average {busy:.1f}"
+    return free, f"{n} cores, {busy:.1f} busy ({how})"
+
+
+def busy_cores(window=0.1):
+    """(cores kept busy by other processes, how it was measured), or (None, why not).
+
+    On Linux: the share of non-idle time of this process's CPUs in ``/proc/stat`` over ``window``
+    seconds, while this process sleeps (so all of it is the others'), times their number. This is what
+    is busy now; the 1-minute load average, used where there is no ``/proc/stat``, lags by a minute
+    (a benchmark that just ended still counts) and is the fallback."""
+    try:
+        ids = sorted(os.sched_getaffinity(0))
+        before = _cpu_times(ids)
+        time.sleep(window)
+        after = _cpu_times(ids)
+        total = sum(a - b for a, b in zip(after[0], before[0]))
+        idle = sum(a - b for a, b in zip(after[1], before[1]))
+        if total > 0:
+            return len(ids) * (1.0 - idle / total), f"/proc/stat over {window:g} s"
+    except (AttributeError, OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0], "load average"
+    except (AttributeError, OSError):                # no load average on this platform
+        return None, "unknown"
+
+
+def _cpu_times(ids):
+    """(total, idle + iowait) jiffies of each CPU in ``ids``, from /proc/stat."""
+    wanted, total, idle = {f"cpu{i}" for i in ids}, [], []
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name in wanted:
+                values = [int(v) for v in fields[:8]]     # user nice system idle iowait irq softirq steal
+                total.append(sum(values))
+                idle.append(values[3] + values[4])
+    if len(total) != len(ids):
+        raise ValueError("not every CPU of the affinity mask is in /proc/stat")
+    return total, idle
 
 
 def _check(value, what):

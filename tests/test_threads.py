@@ -1,5 +1,10 @@
 """CPU thread control (npgpt/threads.py): the default from the machine, the override, and that the
 BLAS library and the elementwise pool both follow it."""
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from npgpt import threads
@@ -13,20 +18,35 @@ def restore_threads():
     threads.set_threads(before)
 
 
-@pytest.mark.parametrize("cores, load, expected", [(2, 0.1, 2), (2, 0.9, 1), (2, 1.4, 1), (2, 3.0, 1),
+@pytest.mark.parametrize("cores, busy, expected", [(2, 0.1, 2), (2, 0.9, 1), (2, 1.4, 1), (2, 3.0, 1),
                                                    (8, 2.6, 5), (8, 0.0, 8), (1, 0.0, 1)])
-def test_default_leaves_busy_cores_alone(monkeypatch, cores, load, expected):
+def test_default_leaves_busy_cores_alone(monkeypatch, cores, busy, expected):
     monkeypatch.delenv("NPGPT_THREADS", raising=False)
     monkeypatch.setattr(threads, "cores", lambda: cores)
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(threads, "busy_cores", lambda: (busy, "test"))
     n, why = threads.default_threads()
-    assert n == expected == max(1, min(cores, cores - round(load)))
+    assert n == expected == max(1, min(cores, cores - round(busy)))
     assert f"{cores} cores" in why
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or threads.cores() < 2, reason="Linux, 2 or more cores")
+def test_busy_cores_sees_a_spinning_process():
+    """Another process spinning on one core shows as about one busy core (measured, not the load average)."""
+    idle, how = threads.busy_cores(0.3)
+    assert how.startswith("/proc/stat")
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 20: pass"])
+    try:
+        time.sleep(0.5)                      # the spinner is running
+        busy, _ = threads.busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy >= idle + 0.6
 
 
 def test_environment_overrides_the_machine(monkeypatch):
     monkeypatch.setenv("NPGPT_THREADS", "3")
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(threads, "busy_cores", lambda: (9.0, "test"))
     assert threads.default_threads() == (3, "NPGPT_THREADS")
 
 
