@@ -40,7 +40,7 @@ def default_threads():
     if busy is None:
         return n, f"{n} cores"
     free = max(1, min(n, n - round(busy)))
-    return free, f"{n} cores, {busy:.1f} busy ({how})"
+    return free, f"{n} cores, {busy:.1f} busy {how}"
 
 
 def busy_cores(window=0.1):
@@ -58,11 +58,11 @@ def busy_cores(window=0.1):
         total = sum(a - b for a, b in zip(after[0], before[0]))
         idle = sum(a - b for a, b in zip(after[1], before[1]))
         if total > 0:
-            return len(ids) * (1.0 - idle / total), f"/proc/stat over {window:g} s"
+            return len(ids) * (1.0 - idle / total), "now"
     except (AttributeError, OSError, ValueError, IndexError):
         pass
     try:
-        return os.getloadavg()[0], "load average"
+        return os.getloadavg()[0], "(1-minute load average)"
     except (AttributeError, OSError):                # no load average on this platform
         return None, "unknown"
 
