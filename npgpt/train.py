@@ -43,18 +43,18 @@ class TrainConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 128
+    block_size: int = 64
     dropout: float = 0.0
     bias: bool = True
     pos: str = "learned"
     # optimization
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
-    max_iters: int = 2500
+    max_iters: int = 5000
     learning_rate: float = 2e-3
     decay_lr: bool = True
     warmup_iters: int = 100
-    lr_decay_iters: int = 2500
+    lr_decay_iters: int = 5000
     min_lr: float = 2e-4
     weight_decay: float = 0.1
     beta1: float = 0.9
