@@ -15,10 +15,12 @@ import argparse
 import os
 import platform
 import subprocess
+import sys
 import time
 
 os.environ["RAYON_NUM_THREADS"] = "1"               # tokenizers / tiktoken thread pools: one thread
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # a checkout, not installed
 
 from npgpt.data import bundled_corpus_path  # noqa: E402
 from npgpt.tokenizer import (Encoding, GPT2_PATTERN, RegexTokenizer, bytes_to_unicode,  # noqa: E402

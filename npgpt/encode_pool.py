@@ -7,18 +7,19 @@ memory stays bounded however large the input.
 
 When the pool pays (``use_pool``): each worker starts with a cold per-pre-token cache, and starting
 the pool and shipping text and ids between processes cost too, so a small input is faster in one
-process; and the pool gains only where the other cores are free. ``POOL_MIN_BYTES`` stays at 8 MiB,
-the threshold before; measured again on the 2-core machine while other jobs shared its cores (no
-idle core to be had), one process was faster at every size up to 32 MB (``python benchmarks/bench_prepare.py
---crossover 2 4 8 16 32``, benchmarks/RESULTS.md). Characters are a vectorized lookup and never use
-the pool.
+process; and the pool gains only where the other cores are free. On the 2-core machine, idle, the pool
+of 2 was 1.21x faster than one process at 2 MB, 1.19x at 4 MB, 1.45x at 8 MB and 1.71x at 16 MB
+(``python benchmarks/bench_prepare.py --crossover 2 4 8 16``, benchmarks/RESULTS.md), so
+``POOL_MIN_BYTES`` is 2 MiB (two ~1 MB tasks); with the other core busy one process won at every size,
+which is why ``prepare``'s default worker count is the cores left free (``threads.default_threads``).
+Characters are a vectorized lookup and never use the pool.
 """
 import collections
 import multiprocessing
 
 __all__ = ["POOL_MIN_BYTES", "use_pool", "encode_in_order", "worker_tokenizer"]
 
-POOL_MIN_BYTES = 8 << 20          # as before: the old rule, "below ~8 MB starting workers costs more"
+POOL_MIN_BYTES = 2 << 20          # the pool of 2 won from 2 MB up on an idle 2-core machine (see above)
 
 _worker_tok = None
 

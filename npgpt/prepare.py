@@ -43,6 +43,7 @@ import regex
 from . import corpus, encode_pool
 from .corpus import is_validation
 from .shards import ShardWriter, write_meta
+from .threads import default_threads
 
 __all__ = ["prepare", "list_inputs", "iter_documents", "iter_chunks", "is_validation"]
 
@@ -180,7 +181,7 @@ def prepare(inputs, out_dir, tokenizer="char", val_fraction=0.1, workers=None, p
     .jsonl, .parquet, .tar, optionally compressed); text_key, filters, column select the text and the
     rows of JSONL/Parquet documents (``corpus.iter_documents``).
     tokenizer: "char" (vocabulary = the sorted characters of the input, no eot), "gpt2", or the path
-    of a tokenizer saved by ``RegexTokenizer.save``. workers: processes for BPE (default: all cores).
+    of a tokenizer saved by ``RegexTokenizer.save``. workers: processes for BPE (default: the cores other processes leave free).
     shard_tokens: 0 writes train.bin / val.bin; N > 0 writes shards of N tokens (``npgpt.shards``),
     each as it fills, and resumes an interrupted run of the same command at its last finished shard.
     split: "position" (the first ``1 - val_fraction`` trains), "hash" (whole documents by a stable
@@ -214,7 +215,7 @@ def prepare(inputs, out_dir, tokenizer="char", val_fraction=0.1, workers=None, p
         meta = {"tokenizer": tokenizer if tokenizer == "gpt2" else os.path.abspath(tokenizer)}
     dtype = np.uint16 if tok.n_vocab <= 1 << 16 else np.uint32
     total = sum(os.path.getsize(f) for f in files)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_threads()[0]      # the cores other processes leave free
     parallel = encode_pool.use_pool(tokenizer, workers, total)   # small inputs: faster in-process
     meta.update({"vocab_size": tok.n_vocab, "dtype": np.dtype(dtype).name,
                  "inputs": [os.path.abspath(f) for f in files]})

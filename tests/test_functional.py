@@ -325,6 +325,8 @@ THREADED = {  # each big enough (>= CHUNK_MIN elements) to be split over the poo
     "softmax": (F.softmax, [(600, 501)]),
     "softmax axis 0": (lambda x: F.softmax(x, axis=0), [(501, 600)]),
     "attention": (F.scaled_dot_product_attention, [(2, 9, 128, 16)] * 3),
+    "layer_norm": (F.layer_norm, [(CHUNK_MIN // 301 + 5, 301), (301,), (301,)]),
+    "layer_norm no bias": (F.layer_norm, [(CHUNK_MIN // 64 + 3, 64), (64,)]),
 }
 
 

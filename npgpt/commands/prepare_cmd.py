@@ -27,7 +27,7 @@ def register(sub):
     parser.add_argument("--filter", dest="filters", action="append", default=[], metavar="KEY=VALUE",
                         help="keep only rows with this value, e.g. 'meta.pile_set_name=Wikipedia (en)' (repeatable)")
     parser.add_argument("--column", default=None, help="the Parquet text column (default: --text_key)")
-    parser.add_argument("--workers", type=int, default=None, help="processes for BPE (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="processes for BPE (default: the cores other processes leave free)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 

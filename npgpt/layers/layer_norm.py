@@ -22,6 +22,7 @@ import numpy as np
 from ..backend import get_array_module
 from ..engine import Tensor
 from . import _cuda
+from ._threads import run_chunked
 from ._cuda import cdiv, contiguous, i32
 from .tuning import tuned
 from .vectorized_kernels import LAYER_NORM_VEC_SOURCE
@@ -42,7 +43,30 @@ def layer_norm_reference(x, weight=None, bias=None, eps=1e-5):
 # ---- NumPy forward and backward -----------------------------------------------------------------
 # Row and column sums are ``einsum`` ("ij->i"), faster than ``.sum(-1)`` on (2048, 384) float32 and
 # without the temporary of ``(a * b).sum()`` (RESULTS.md, "Tuning constants"); the in-place chains
-# save (N, C) temporaries. Splitting rows over the thread pool gave nothing here (measured).
+# save (N, C) temporaries. Every row is normalized on its own, so large inputs are cut into blocks of
+# rows over the thread pool (bit-identical: each row sees the same operations); the column sums of
+# the backward (dweight, dbias) stay one call over all rows.
+
+def _forward_rows(X, w, b, eps, out, xhat, rstd):
+    """(N1)-(N4) on a block of rows, into out, xhat (n, C) and rstd (n, 1)."""
+    xp = get_array_module(X)
+    C = X.shape[1]
+    mu = xp.einsum("ij->i", X)[:, None]
+    mu *= 1.0 / C                                           # (n, 1) μ = mean(x)
+    xp.subtract(X, mu, out=xhat)                            # (n, C) x - μ
+    var = xp.einsum("ij,ij->i", xhat, xhat)[:, None]
+    var *= 1.0 / C                                          # (n, 1) var = mean((x - μ)^2)
+    var += eps
+    xp.sqrt(var, out=var)
+    xp.divide(1.0, var, out=rstd)                           # (n, 1) 1/σ = 1 / sqrt(var + eps)
+    xhat *= rstd                                            # (n, C) x̂ = (x - μ) / σ
+    if w is not None:
+        xp.multiply(xhat, w, out=out)                       # (n, C) y = x̂ w + b
+    else:
+        out[...] = xhat
+    if b is not None:
+        out += b
+
 
 def layer_norm_forward(X, w, b, eps):
     """(N1)-(N4): X (N, C), w and b (C,) or None -> (out (N, C), xhat (N, C), rstd (N, 1) = 1/σ),
@@ -52,22 +76,30 @@ def layer_norm_forward(X, w, b, eps):
             xhat = (X - mu) * rstd;  out = xhat * w + b
     """
     xp = get_array_module(X)
-    C = X.shape[1]
     if X.dtype == np.float16:
         X = X.astype(np.float32)                            # statistics in float32
-    mu = xp.einsum("ij->i", X)[:, None]
-    mu *= 1.0 / C                                           # (N, 1) μ = mean(x)
-    xhat = X - mu                                           # (N, C) x - μ
-    rstd = xp.einsum("ij,ij->i", xhat, xhat)[:, None]
-    rstd *= 1.0 / C                                         # (N, 1) var = mean((x - μ)^2)
-    rstd += eps
-    xp.sqrt(rstd, out=rstd)
-    xp.divide(1.0, rstd, out=rstd)                          # (N, 1) 1/σ = 1 / sqrt(var + eps)
-    xhat *= rstd                                            # (N, C) x̂ = (x - μ) / σ
-    out = xhat * w if w is not None else xhat.copy()        # (N, C) y = x̂ w + b
-    if b is not None:
-        out += b
+    out, xhat = xp.empty_like(X), xp.empty_like(X)          # (N, C)
+    rstd = xp.empty((X.shape[0], 1), dtype=X.dtype)         # (N, 1)
+    run_chunked(lambda *rows: _forward_rows(rows[0], w, b, eps, *rows[1:]), X, out, xhat, rstd)
     return out, xhat, rstd
+
+
+def _backward_rows(dout, xhat, rstd, w, dinp):
+    """(N5) on a block of rows, into dinp (n, C)."""
+    xp = get_array_module(xhat)
+    C = xhat.shape[1]
+    if w is not None:
+        xp.multiply(dout, w, out=dinp)                      # (n, C) g = dout w
+    else:
+        dinp[...] = dout
+    mean_g_xhat = xp.einsum("ij,ij->i", dinp, xhat)[:, None]
+    mean_g_xhat *= 1.0 / C                                  # (n, 1) mean(g x̂)
+    mean_g = xp.einsum("ij->i", dinp)[:, None]
+    mean_g *= 1.0 / C                                       # (n, 1) mean(g)
+    # dinp = (g - mean(g) - x̂ mean(g x̂)) / σ, in place on g
+    dinp -= mean_g
+    dinp -= xhat * mean_g_xhat
+    dinp *= rstd
 
 
 def layer_norm_backward(dout, xhat, rstd, w, need_dinp=True, need_dweight=True, need_dbias=True):
@@ -79,21 +111,13 @@ def layer_norm_backward(dout, xhat, rstd, w, need_dinp=True, need_dweight=True, 
             dweight = (dout * xhat).sum(0);  dbias = dout.sum(0)
     """
     xp = get_array_module(xhat)
-    C = xhat.shape[1]
     dout = dout.astype(xhat.dtype, copy=False)
     dweight = xp.einsum("ij,ij->j", dout, xhat) if need_dweight else None  # (C,) sum(dout x̂)
     dbias = xp.einsum("ij->j", dout) if need_dbias else None              # (C,) sum(dout)
     dinp = None
     if need_dinp:
-        dinp = dout * w if w is not None else dout.copy()   # (N, C) g = dout w
-        mean_g_xhat = xp.einsum("ij,ij->i", dinp, xhat)[:, None]
-        mean_g_xhat *= 1.0 / C                              # (N, 1) mean(g x̂)
-        mean_g = xp.einsum("ij->i", dinp)[:, None]
-        mean_g *= 1.0 / C                                   # (N, 1) mean(g)
-        # dinp = (g - mean(g) - x̂ mean(g x̂)) / σ, in place on g
-        dinp -= mean_g
-        dinp -= xhat * mean_g_xhat
-        dinp *= rstd
+        dinp = xp.empty_like(xhat)                                        # (N, C)
+        run_chunked(lambda d, x, r, di: _backward_rows(d, x, r, w, di), dout, xhat, rstd, dinp)
     return dinp, dweight, dbias
 
 
