@@ -33,8 +33,8 @@ def cores():
 def default_threads():
     """(threads, why): ``NPGPT_THREADS`` if set, else the cores not kept busy by other processes."""
     env = os.environ.get("NPGPT_THREADS")
-    if env:
-        return _check(env, "NPGPT_THREADS"), "NPGPT_THREADS"
+    if env:                                          # (a parallel launch sets it, and says why)
+        return _check(env, "NPGPT_THREADS"), os.environ.get("NPGPT_THREADS_WHY", "NPGPT_THREADS")
     n = cores()
     busy, how = busy_cores()
     if busy is None:

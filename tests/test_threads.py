@@ -46,6 +46,7 @@ def test_busy_cores_sees_a_spinning_process():
 
 def test_environment_overrides_the_machine(monkeypatch):
     monkeypatch.setenv("NPGPT_THREADS", "3")
+    monkeypatch.delenv("NPGPT_THREADS_WHY", raising=False)
     monkeypatch.setattr(threads, "busy_cores", lambda: (9.0, "test"))
     assert threads.default_threads() == (3, "NPGPT_THREADS")
 

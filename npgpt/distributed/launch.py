@@ -51,6 +51,7 @@ def connect(device="cpu"):
         # the ranks on a node share its cores: left to itself each would count them all (npgpt/threads.py)
         from ..threads import cores
         os.environ["NPGPT_THREADS"] = str(max(1, cores() // comm.local_size))
+        os.environ["NPGPT_THREADS_WHY"] = f"{cores()} cores shared by {comm.local_size} ranks on this node"
     if device == "cuda":
         from .nccl import NCCLCommunicator
         with setup_phase(comm):
