@@ -1,4 +1,5 @@
-"""Shared fixtures: the ``xp`` fixture runs a test on NumPy, and on CuPy when a GPU is present."""
+"""Shared fixtures: the ``xp`` fixture runs a test on NumPy, and on CuPy when a GPU is present; ``cp``
+runs a CUDA-kernel test on CuPy only."""
 import os
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from npgpt import backend
+from npgpt.layers import _cuda
 
 settings.register_profile("npgpt", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -42,3 +44,20 @@ def f64():
     """Run the test with float64 as the default dtype (for finite-difference checks)."""
     with backend.default_dtype(np.float64):
         yield
+
+
+@pytest.fixture
+def cp(monkeypatch):
+    """CuPy as the backend with the CUDA kernels on and every kernel output buffer starting as NaN (so
+    an element a kernel forgets to write fails the comparison); skipped without a usable GPU."""
+    if not backend.is_cupy_available():
+        pytest.skip("cupy backend: CuPy or a CUDA GPU is not available")
+    old = backend.name
+    mod = backend.use("cupy")
+    monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
+    monkeypatch.setattr(_cuda, "ENABLED", True)
+    monkeypatch.setattr(_cuda, "empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype))
+    try:
+        yield mod
+    finally:
+        backend.use(old)

@@ -17,6 +17,7 @@ from npgpt.distributed import world_from_env
 from npgpt.distributed.buckets import BucketPlan, GradientReadiness
 from npgpt.train import TrainConfig
 from npgpt.train_helpers import batch_source, make_optimizer
+from test_train import make_char_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 60
@@ -24,16 +25,7 @@ TEXT = "Now is the winter of our discontent\nMade glorious summer by this sun of
 
 def make_data(d):
     """A char-level data set written by hand (not by npgpt prepare)."""
-    chars = sorted(set(TEXT))
-    ids = np.array([chars.index(c) for c in TEXT], dtype=np.uint16)
-    n = int(0.9 * len(ids))
-    os.makedirs(d, exist_ok=True)
-    ids[:n].tofile(os.path.join(d, "train.bin"))
-    ids[n:].tofile(os.path.join(d, "val.bin"))
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump({"tokenizer": "char", "vocab_size": len(chars), "chars": chars, "dtype": "uint16",
-                   "train_tokens": n, "val_tokens": len(ids) - n}, f)
-    return d
+    return make_char_data(d, TEXT)
 
 
 # ---- in process: launch detection, buckets, readiness, data order -----------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from npgpt import Tensor, backend, gradcheck
+from npgpt import Tensor, gradcheck
 from npgpt.backend import to_numpy
 from npgpt.layers import _cuda, attention
 from npgpt.layers import flash_attention as fa
@@ -166,20 +166,7 @@ def test_kernels_fit_without_spills(tmp_path, arch):
 
 # ---- the CUDA kernels (need a GPU) ---------------------------------------------------------------
 
-@pytest.fixture
-def cp(monkeypatch):
-    """CuPy as the backend with the kernels on and every kernel output buffer starting as NaN."""
-    if not backend.is_cupy_available():
-        pytest.skip("cupy backend: CuPy or a CUDA GPU is not available")
-    old = backend.name
-    mod = backend.use("cupy")
-    monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
-    monkeypatch.setattr(_cuda, "ENABLED", True)
-    monkeypatch.setattr(_cuda, "empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype))
-    try:
-        yield mod
-    finally:
-        backend.use(old)
+# ``cp``: the CuPy kernel fixture of conftest.py
 
 
 def kernel_error(cp, B, NH, Tq, Tk, hs, seed=0, strided=False):

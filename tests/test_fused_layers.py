@@ -7,7 +7,6 @@ import pytest
 
 from npgpt import Tensor, backend, gradcheck
 from npgpt.backend import to_numpy
-from npgpt.layers import _cuda
 from npgpt.layers.bias_gelu import bias_gelu, bias_gelu_reference
 from npgpt.layers.residual_layer_norm import residual_layer_norm, residual_layer_norm_reference
 
@@ -49,19 +48,7 @@ def test_bias_gelu_fallback_matches_reference(f64):
 
 # ---- the CUDA kernels (need a GPU) ---------------------------------------------------------------
 
-@pytest.fixture
-def cp(monkeypatch):
-    if not backend.is_cupy_available():
-        pytest.skip("cupy backend: CuPy or a CUDA GPU is not available")
-    old = backend.name
-    mod = backend.use("cupy")
-    monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
-    monkeypatch.setattr(_cuda, "ENABLED", True)
-    monkeypatch.setattr(_cuda, "empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype))
-    try:
-        yield mod
-    finally:
-        backend.use(old)
+# ``cp``: the CuPy kernel fixture of conftest.py
 
 
 def grads_of(loss_fn, arrays_, xp):

@@ -19,20 +19,7 @@ DTYPES = [np.float16, np.float32, np.float64]
 TOL = {np.float16: 4e-3, np.float32: 2e-5, np.float64: 1e-12}   # relative to the largest |reference|
 
 
-@pytest.fixture
-def cp(monkeypatch):
-    """CuPy as the backend, the kernels on, and every kernel output buffer filled with NaN."""
-    if not backend.is_cupy_available():
-        pytest.skip("cupy backend: CuPy or a CUDA GPU is not available")
-    old = backend.name
-    mod = backend.use("cupy")
-    monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
-    monkeypatch.setattr(_cuda, "ENABLED", True)
-    monkeypatch.setattr(_cuda, "empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype))
-    try:
-        yield mod
-    finally:
-        backend.use(old)
+# ``cp``: the CuPy kernel fixture of conftest.py
 
 
 def close(got, ref, dtype, scale=1.0):

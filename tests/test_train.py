@@ -14,10 +14,10 @@ from npgpt.train import TrainConfig, train
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
 
 
-def make_char_data(d):
-    """A tiny char-level dataset written by hand (independent of npgpt prepare)."""
-    chars = sorted(set(TEXT))
-    ids = np.array([chars.index(c) for c in TEXT], dtype=np.uint16)
+def make_char_data(d, text=TEXT):
+    """A tiny char-level dataset of ``text`` written by hand (independent of npgpt prepare)."""
+    chars = sorted(set(text))
+    ids = np.array([chars.index(c) for c in text], dtype=np.uint16)
     n = int(0.9 * len(ids))
     os.makedirs(d, exist_ok=True)
     ids[:n].tofile(os.path.join(d, "train.bin"))
