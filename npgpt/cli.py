@@ -119,7 +119,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     from . import backend
-    from .threads import use_threads
+    from .threads import ThreadsError, use_threads
     try:
         device = {"numpy": "cpu", "cupy": "cuda"}.get(args.backend) or args.global_device
         threads = getattr(args, "threads", None) or args.global_threads
@@ -136,9 +136,7 @@ def main(argv=None):
     except backend.BackendError as e:
         print(f"npgpt: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:             # a bad --threads or $NPGPT_THREADS (subcommands catch their own)
-        if "threads" not in str(e).lower():
-            raise
+    except ThreadsError as e:           # a bad --threads or $NPGPT_THREADS
         print(f"npgpt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,9 +17,13 @@ The BLAS limit goes through ``threadpoolctl`` (OpenBLAS, MKL or BLIS, whichever 
 import os
 import time
 
-__all__ = ["cores", "default_threads", "set_threads", "get_threads", "use_threads"]
+__all__ = ["ThreadsError", "cores", "default_threads", "set_threads", "get_threads", "use_threads"]
 
 _current = None
+
+
+class ThreadsError(ValueError):
+    """A thread count that is not a whole number >= 1 (from --threads or NPGPT_THREADS)."""
 
 
 def cores():
@@ -86,9 +90,9 @@ def _check(value, what):
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a whole number of threads >= 1, got {value!r}") from None
+        raise ThreadsError(f"{what} must be a whole number of threads >= 1, got {value!r}") from None
     if n < 1:
-        raise ValueError(f"{what} must be >= 1 (0 or unset: choose from the machine), got {n}")
+        raise ThreadsError(f"{what} must be >= 1 (0 or unset: choose from the machine), got {n}")
     return n
 
 

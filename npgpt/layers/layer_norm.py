@@ -17,6 +17,8 @@ dσ/dx_k = (x_k - μ) / (C σ) = x̂_k / C, so dx̂_j/dx_k = (δ_jk - 1/C - x̂_
 The forward keeps x̂ and 1/σ (NumPy) or μ and 1/σ per row (CUDA, which recomputes x̂ from x).
 float16 input is normalized in float32 (μ, σ, x̂) and the output and gradients cast back.
 """
+from functools import partial
+
 import numpy as np
 
 from ..backend import get_array_module
@@ -47,8 +49,8 @@ def layer_norm_reference(x, weight=None, bias=None, eps=1e-5):
 # rows over the thread pool (bit-identical: each row sees the same operations); the column sums of
 # the backward (dweight, dbias) stay one call over all rows.
 
-def _forward_rows(X, w, b, eps, out, xhat, rstd):
-    """(N1)-(N4) on a block of rows, into out, xhat (n, C) and rstd (n, 1)."""
+def _forward_rows(w, b, eps, X, out, xhat, rstd):
+    """(N1)-(N4) on a block of rows X (n, C), into out, xhat (n, C) and rstd (n, 1)."""
     xp = get_array_module(X)
     C = X.shape[1]
     mu = xp.einsum("ij->i", X)[:, None]
@@ -80,11 +82,11 @@ def layer_norm_forward(X, w, b, eps):
         X = X.astype(np.float32)                            # statistics in float32
     out, xhat = xp.empty_like(X), xp.empty_like(X)          # (N, C)
     rstd = xp.empty((X.shape[0], 1), dtype=X.dtype)         # (N, 1)
-    run_chunked(lambda *rows: _forward_rows(rows[0], w, b, eps, *rows[1:]), X, out, xhat, rstd)
+    run_chunked(partial(_forward_rows, w, b, eps), X, out, xhat, rstd)
     return out, xhat, rstd
 
 
-def _backward_rows(dout, xhat, rstd, w, dinp):
+def _backward_rows(w, dout, xhat, rstd, dinp):
     """(N5) on a block of rows, into dinp (n, C)."""
     xp = get_array_module(xhat)
     C = xhat.shape[1]
@@ -117,7 +119,7 @@ def layer_norm_backward(dout, xhat, rstd, w, need_dinp=True, need_dweight=True, 
     dinp = None
     if need_dinp:
         dinp = xp.empty_like(xhat)                                        # (N, C)
-        run_chunked(lambda d, x, r, di: _backward_rows(d, x, r, w, di), dout, xhat, rstd, dinp)
+        run_chunked(partial(_backward_rows, w), dout, xhat, rstd, dinp)
     return dinp, dweight, dbias
 
 
