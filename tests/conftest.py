@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import npgpt
 from npgpt import backend
 from npgpt.layers import _cuda
 
@@ -37,6 +38,18 @@ def xp(request):
     finally:
         backend.use(old_name)
         backend.set_default_dtype(old_dtype)
+
+
+@pytest.fixture(scope="session")
+def tiktoken_ref():
+    """tiktoken's GPT-2 encoder built from npgpt's shipped ranks file with tiktoken's own loader and its
+    own pattern (``get_encoding`` would download): the oracle of the tokenizer tests."""
+    tiktoken = pytest.importorskip("tiktoken")
+    import tiktoken.load
+    from tiktoken_ext.openai_public import r50k_pat_str
+    asset = os.path.join(os.path.dirname(npgpt.__file__), "assets", "gpt2.tiktoken")
+    return tiktoken.Encoding("gpt2-ref", pat_str=r50k_pat_str, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(asset),
+                             special_tokens={"<|endoftext|>": 50256})
 
 
 @pytest.fixture

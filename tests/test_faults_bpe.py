@@ -3,30 +3,18 @@ and tiktoken, byte-exact, on long runs (1 MB of "a", digits, punctuation, DNA, r
 hypothesis-drawn runs with the thresholds lowered so every path runs on short text, and on random toy
 vocabularies whose ranks do not grow with length (where merging a whole round at once would be wrong).
 Long pre-tokens stay out of the cache. Speed is in benchmarks/bench_tokenizer.py, not asserted here."""
-import os
 import random
 import string
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import npgpt
 from npgpt.tokenizer import GPT2_PATTERN, get_encoding
 from npgpt.tokenizer import merge as encoding_mod
 from npgpt.tokenizer.encoding import Encoding, bpe_merge, pair_table
 
 ENC = get_encoding("gpt2")
 TABLE = pair_table(ENC.mergeable_ranks)
-ASSET = os.path.join(os.path.dirname(npgpt.__file__), "assets", "gpt2.tiktoken")
-
-
-@pytest.fixture(scope="module")
-def ref():
-    tiktoken = pytest.importorskip("tiktoken")
-    import tiktoken.load
-    from tiktoken_ext.openai_public import r50k_pat_str
-    return tiktoken.Encoding("gpt2-ref", pat_str=r50k_pat_str, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(ASSET),
-                             special_tokens={"<|endoftext|>": 50256})
 
 
 def all_paths(piece, ranks, table):
@@ -55,9 +43,9 @@ LONG = {
 
 
 @pytest.mark.parametrize("name", LONG)
-def test_long_runs_match_tiktoken(ref, name):
+def test_long_runs_match_tiktoken(tiktoken_ref, name):
     text = LONG[name]
-    assert ENC.encode_ordinary(text) == ref.encode_ordinary(text)
+    assert ENC.encode_ordinary(text) == tiktoken_ref.encode_ordinary(text)
 
 
 def test_long_runs_all_paths_agree():
@@ -81,7 +69,7 @@ def test_runs_all_paths_agree_hypothesis(units):
 
 @settings(max_examples=30, deadline=None)
 @given(runs)
-def test_runs_match_tiktoken_with_low_thresholds(ref, units):
+def test_runs_match_tiktoken_with_low_thresholds(tiktoken_ref, units):
     """Through Encoding, with every pre-token of 2+ bytes on the heap or rounds path."""
     text = "".join(unit * count for unit, count in units)
     saved = encoding_mod.SHORT_PIECE, encoding_mod.ROUNDS_PIECE
@@ -89,7 +77,7 @@ def test_runs_match_tiktoken_with_low_thresholds(ref, units):
     try:
         fresh = Encoding("gpt2", GPT2_PATTERN, ENC.mergeable_ranks, ENC.special_tokens)
         fresh._pair_table = TABLE                            # (built once, not per example)
-        assert fresh.encode_ordinary(text) == ref.encode_ordinary(text)
+        assert fresh.encode_ordinary(text) == tiktoken_ref.encode_ordinary(text)
     finally:
         encoding_mod.SHORT_PIECE, encoding_mod.ROUNDS_PIECE = saved
 

@@ -5,13 +5,11 @@ shrunk so that every path runs on short text (batched merges, cache emptied mid-
 long to cache), is byte-exact with tiktoken on hypothesis-drawn Unicode text, special tokens allowed
 or refused as tiktoken does. Speed: benchmarks/bench_tokenizer.py."""
 import gc
-import os
 import random
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import npgpt
 from npgpt.data import bundled_corpus_path
 from npgpt.tokenizer import GPT2_PATTERN, get_encoding
 from npgpt.tokenizer import encoding as encoding_mod, merge as merge_mod
@@ -21,16 +19,6 @@ from npgpt.tokenizer.merge import bpe_merge, bpe_merge_batch, span_table
 ENC = get_encoding("gpt2")
 RANKS = ENC.mergeable_ranks
 TABLE = span_table(RANKS)
-ASSET = os.path.join(os.path.dirname(npgpt.__file__), "assets", "gpt2.tiktoken")
-
-
-@pytest.fixture(scope="module")
-def ref():
-    tiktoken = pytest.importorskip("tiktoken")
-    import tiktoken.load
-    from tiktoken_ext.openai_public import r50k_pat_str
-    return tiktoken.Encoding("gpt2-ref", pat_str=r50k_pat_str, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(ASSET),
-                             special_tokens={"<|endoftext|>": 50256})
 
 
 def batch_both_ways(pieces, ranks, table):
@@ -113,23 +101,23 @@ texts = st.one_of(st.text(max_size=400), st.lists(st.sampled_from(PARTS), max_si
 
 @settings(max_examples=80, deadline=None)
 @given(texts, st.sampled_from([2, 40, 10_000]))
-def test_fresh_encoder_fast_paths_match_tiktoken(ref, monkeypatch, text, cache_max):
+def test_fresh_encoder_fast_paths_match_tiktoken(tiktoken_ref, monkeypatch, text, cache_max):
     enc = fresh_small(monkeypatch, cache_max)
-    assert enc.encode_ordinary(text) == ref.encode_ordinary(text)
-    assert enc.encode_ordinary(text) == ref.encode_ordinary(text)       # again, from the cache
+    assert enc.encode_ordinary(text) == tiktoken_ref.encode_ordinary(text)
+    assert enc.encode_ordinary(text) == tiktoken_ref.encode_ordinary(text)       # again, from the cache
     assert len(enc._cache) <= cache_max
     for kw in [dict(allowed_special="all"), dict(disallowed_special=()), dict(allowed_special={"<|endoftext|>"})]:
-        assert enc.encode(text, **kw) == ref.encode(text, **kw)
+        assert enc.encode(text, **kw) == tiktoken_ref.encode(text, **kw)
     if "<|endoftext|>" in text:
         with pytest.raises(ValueError, match="disallowed special token"):
             enc.encode(text)
 
 
-def test_fresh_encoder_on_the_corpus_in_many_batches(ref, monkeypatch):
+def test_fresh_encoder_on_the_corpus_in_many_batches(tiktoken_ref, monkeypatch):
     monkeypatch.setattr(encoding_mod, "_BATCH_CHARS", 1 << 15)
     text = open(bundled_corpus_path(), encoding="utf-8").read()[:1_000_000]
     enc = Encoding("gpt2", GPT2_PATTERN, RANKS, ENC.special_tokens)
-    assert enc.encode_ordinary(text) == ref.encode_ordinary(text)
+    assert enc.encode_ordinary(text) == tiktoken_ref.encode_ordinary(text)
 
 
 def test_garbage_collector_state_is_restored():
