@@ -16,18 +16,7 @@ import sys
 
 import numpy as np
 
-
-def timed(cp, fn, repeat):
-    for _ in range(3):
-        fn()
-    start, stop, times = cp.cuda.Event(), cp.cuda.Event(), []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
-    return float(np.median(times))
+from gpu_probe import timeit     # CUDA-event median after 3 warm-ups (benchmarks/gpu_probe.py)
 
 
 def main():
@@ -59,7 +48,7 @@ def main():
             # bytes that must move: LN fwd reads x, writes y; bwd reads x, dout, writes dinp (+ the small rest)
             for name, fn, nbytes in (("layer_norm", layer_norm, 5 * N * 768 * item),
                                      ("cross_entropy", cross_entropy, 3 * N * 50304 * item)):
-                s = timed(cp, fn, args.repeat)
+                s = timeit(fn, args.repeat)
                 results.append(dict(kernel=name, dtype=np.dtype(dtype).name, vectorized=vec, seconds=s,
                                     gb_per_s=nbytes / s / 1e9))
                 print(f"{name:14s} {np.dtype(dtype).name:8s} {'vectorized' if vec else 'scalar':10s} "
