@@ -11,8 +11,9 @@ the vocabulary padded to a multiple of 64, attention "auto", no CUDA graphs) and
 "npgpt-flash" (NPGPT_ATTENTION=flash: the tensor-core FlashAttention-2 kernels), "npgpt-graphs"
 (the whole step replayed from a CUDA graph, npgpt/cuda_graphs.py), "npgpt-graphs-micro" (only the
 micro-steps' forward + backward replayed, the optimizer step eager), "npgpt-flash-graphs" (flash and
-whole-step graphs), "npgpt-vec" (the 16-byte-load layer-norm and cross-entropy kernels,
-npgpt/layers/vectorized_kernels.py) and "npgpt-nopad" (vocabulary 50257 unpadded); "torch-sdpa" (benchmarks/torch_gpt.py's TorchGPT, eager,
+whole-step graphs), "npgpt-scalar" (the one-element-per-thread layer-norm and cross-entropy kernels
+instead of the 16-byte-load ones, npgpt/layers/vectorized_kernels.py), "npgpt-ew" (flash, graphs and the
+16-byte-load GELU and bias-add kernels), "npgpt-fused" (that plus the MLP's bias + GELU as one node) and "npgpt-nopad" (vocabulary 50257 unpadded); "torch-sdpa" (benchmarks/torch_gpt.py's TorchGPT, eager,
 F.scaled_dot_product_attention), "torch-math" (the same with the (B, NH, T, T) softmax attention
 written out, as npgpt's materialized path computes it) and "torch-compile" (torch-sdpa under
 torch.compile; its compile time is in first_step_s, not in the timed steps).
@@ -67,16 +68,20 @@ CONFIGS = {
     "check": dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=128, batch_size=2),
 }
 PRECISIONS = ("fp16", "tf32", "fp32")
-FRAMEWORKS = ("npgpt", "npgpt-flash", "npgpt-graphs", "npgpt-graphs-micro", "npgpt-flash-graphs", "npgpt-vec",
-              "npgpt-nopad", "torch-sdpa", "torch-math", "torch-compile")
+FRAMEWORKS = ("npgpt", "npgpt-flash", "npgpt-graphs", "npgpt-graphs-micro", "npgpt-flash-graphs", "npgpt-scalar",
+              "npgpt-ew", "npgpt-fused", "npgpt-nopad", "torch-sdpa", "torch-math", "torch-compile")
 DEFAULT_FRAMEWORKS = ("npgpt", "npgpt-flash", "npgpt-graphs", "npgpt-flash-graphs", "torch-sdpa", "torch-math")
 # npgpt variant -> (attention implementation, CUDA graphs: False / "step" / "micro", vocab_multiple,
-# vectorized layer-norm and cross-entropy kernels)
-NPGPT_VARIANTS = {"npgpt": ("auto", False, 64, False), "npgpt-flash": ("flash", False, 64, False),
-                  "npgpt-graphs": ("auto", "step", 64, False), "npgpt-graphs-micro": ("auto", "micro", 64, False),
-                  "npgpt-flash-graphs": ("flash", "step", 64, False), "npgpt-vec": ("auto", False, 64, True),
-                  "npgpt-nopad": ("auto", False, 1, False)}
+# changes to the CuPy tuning table, layers/tuning.py)
+_EW = {"elementwise_vectorized": True}
+NPGPT_VARIANTS = {"npgpt": ("auto", False, 64, {}), "npgpt-flash": ("flash", False, 64, {}),
+                  "npgpt-graphs": ("auto", "step", 64, {}), "npgpt-graphs-micro": ("auto", "micro", 64, {}),
+                  "npgpt-flash-graphs": ("flash", "step", 64, {}),
+                  "npgpt-scalar": ("auto", False, 64, {"layer_norm_vectorized": False, "cross_entropy_vectorized": False}),
+                  "npgpt-ew": ("flash", "step", 64, _EW), "npgpt-fused": ("flash", "step", 64, {**_EW, "fused_bias_gelu": True}),
+                  "npgpt-nopad": ("auto", False, 1, {})}
 PRECISION_DTYPE = {"fp16": ("float16", False), "tf32": ("float32", True), "fp32": ("float32", False)}
+TUNING_DEFAULTS = {}
 RESULT = "RESULT "       # prefix of the JSON lines a child prints, one per measurement
 
 
@@ -182,10 +187,11 @@ def measure_npgpt(name, precision, args, variant="npgpt"):
     from npgpt import cuda_graphs
     from npgpt.layers import attention
     from npgpt.layers import tuning
-    impl, graphs, multiple, vectorized = NPGPT_VARIANTS[variant]
+    impl, graphs, multiple, tuned = NPGPT_VARIANTS[variant]
     attention.set_impl(impl)
     cuda_graphs.WHOLE_STEP = graphs == "step"
-    tuning.TUNING["cupy"].update(layer_norm_vectorized=vectorized, cross_entropy_vectorized=vectorized)
+    defaults = TUNING_DEFAULTS.setdefault("cupy", dict(tuning.TUNING["cupy"]))   # as the child started
+    tuning.TUNING["cupy"].update(defaults, **tuned)
     xp = backend.xp
     if xp is np:
         def memory():
@@ -228,7 +234,7 @@ def measure_npgpt(name, precision, args, variant="npgpt"):
     times, first, peak = time_steps(step, backend.synchronize, memory, args.warmup, args.steps)
     dev_name = "cpu" if xp is np else (device.decode() if isinstance(device, bytes) else str(device))
     out = summarize(times, B * c["block_size"] * args.accum, real_flops_per_token(c), precision, dev_name)
-    out.update(framework=variant, attention=impl, cuda_graphs=graphs, vectorized=vectorized, vocab_rows=model.transformer.wte.weight.shape[0],
+    out.update(framework=variant, attention=impl, cuda_graphs=graphs, tuning=tuned, vocab_rows=model.transformer.wte.weight.shape[0],
                params=model.num_params(), batch=B, setup_s=setup, first_step_s=first,
                peak_mem_bytes=int(peak) if xp is not np else None,
                first_loss=float(losses[0]), last_loss=float(losses[-1]),
@@ -464,7 +470,7 @@ def main():
     start = time.perf_counter()
     if args.check:
         configs, precisions = ["check"], ["fp16", "fp32"]
-        frameworks = [f for f in args.frameworks if f in ("npgpt", "npgpt-flash", "npgpt-vec", "npgpt-nopad")
+        frameworks = [f for f in args.frameworks if f in ("npgpt", "npgpt-flash", "npgpt-scalar", "npgpt-nopad")
                       or (f in ("torch-sdpa", "torch-math") and importlib.util.find_spec("torch") is not None)]
         device = "cpu (NumPy backend; peaks and MFU are meaningless here)"
     else:

@@ -9,6 +9,8 @@
 #   nccl:    NCCL through CuPy (benchmarks/nccl_smoke.py): communicator, all-reduce / reduce-scatter /
 #            all-gather on device buffers, one data-parallel step (plain and ZeRO-1) against the plain step,
 #            the bandwidth of a 256 MiB all-reduce; one rank per GPU under mpiexec when there are several;
+#   profile: the fp16 step kernel by kernel (benchmarks/gpu_profile.py: torch.profiler records CuPy's
+#            kernels too), npgpt and npgpt-flash beside torch-sdpa, GPT-2 124M and small (~90 s);
 #   issue15: = kernels15 prof15 bench15, at most 5 minutes: the GPU work prepared without a GPU (issue 15),
 #     kernels15: flash attention, fused residual+layer norm and bias+GELU, vectorized layer-norm and
 #                cross-entropy kernels, CUDA graphs (whole step and micro-step) and padded-vocabulary
@@ -60,12 +62,14 @@ for stage in $STAGES; do
       mkdir -p benchmarks/logs && cp "$OUT/prof15.log" "benchmarks/logs/gpu15_prof_$DAY.log" ;;
     bench15)
       timeout "${BENCH15_TIMEOUT:-200}" python3 benchmarks/bench_gpu.py --precisions fp16 --configs gpt2-124m small \
-        --frameworks npgpt npgpt-flash npgpt-graphs npgpt-graphs-micro npgpt-flash-graphs npgpt-vec npgpt-nopad \
-        torch-sdpa torch-compile \
+        --frameworks ${BENCH15_FRAMEWORKS:-npgpt npgpt-flash npgpt-graphs npgpt-graphs-micro npgpt-flash-graphs npgpt-vec npgpt-nopad torch-sdpa torch-compile} \
         --steps 8 --warmup 2 --max-seconds "${BENCH15_BUDGET:-190}" --timeout 120 --json "$OUT/bench15.json" 2>&1 \
         | tee "$OUT/bench15.log" | tail -30
       mkdir -p benchmarks/logs && cp "$OUT/bench15.log" "benchmarks/logs/gpu15_bench_$DAY.log"
       if [ -f "$OUT/bench15.json" ]; then cp "$OUT/bench15.json" "benchmarks/logs/gpu15_bench_$DAY.json"; fi ;;
+    profile)
+      timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/gpu_profile.py --variants ${PROFILE_VARIANTS:-npgpt npgpt-flash torch-sdpa} \
+        --json "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" | tail -60 ;;
     suite)
       timeout "${SUITE_TIMEOUT:-240}" $PYTEST -m "cupy and not slow" -n 8 2>&1 \
         | tee "$OUT/cupy_tests.log" | tail -25 ;;
@@ -76,7 +80,7 @@ for stage in $STAGES; do
         else
           timeout "${NCCL_TIMEOUT:-180}" python3 benchmarks/nccl_smoke.py --json "$OUT/nccl_smoke.json"
         fi; } 2>&1 | tee "$OUT/nccl_smoke.log" | tail -20 ;;
-    *) echo "unknown stage $stage (suite probe bench train kernels nccl kernels15 prof15 bench15 issue15)" ;;
+    *) echo "unknown stage $stage (suite probe bench train kernels nccl profile kernels15 prof15 bench15 issue15)" ;;
   esac
 done
 echo "=== done $(date -u +%T)" | tee -a "$OUT/gpu.txt"

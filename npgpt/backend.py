@@ -22,7 +22,7 @@ from .allocator import keep_freed_memory
 __all__ = [
     "use", "name", "xp", "get_xp", "get_array_module", "to_numpy", "to_device", "is_cupy_available",
     "get_default_dtype", "set_default_dtype", "default_dtype", "seed", "rng", "scatter_add",
-    "set_tf32", "synchronize", "forbid_sync", "bmm", "BackendError",
+    "set_tf32", "tf32_enabled", "synchronize", "forbid_sync", "bmm", "capturing", "is_capturing", "BackendError",
 ]
 
 
@@ -40,6 +40,7 @@ name = "numpy"        # "numpy" or "cupy"
 _dtype = np.dtype(np.float32)
 _rng = None           # the active backend's random Generator, created by seed()/rng()
 _tf32 = False         # float32 matrix products on TF32 tensor cores (CuPy only)
+_capturing = False    # inside ``capturing()``: bmm's GEMMs go through npgpt.cublas (recordable)
 
 
 def _import_cupy():
@@ -77,6 +78,16 @@ def set_tf32(enabled=True):
     _tf32 = bool(enabled)
     if _cupy is not None:
         _apply_tf32()
+
+
+def tf32_enabled():
+    """Whether ``set_tf32`` is on (float32 GEMMs round their inputs to TF32)."""
+    return _tf32
+
+
+def is_capturing():
+    """Inside ``capturing()``: a CUDA graph is being recorded, so work launched now runs only at replay."""
+    return _capturing
 
 
 def forbid_sync():
@@ -270,10 +281,30 @@ def bmm(a, b, trans_a=False, trans_b=False, out=None, dtype=None, alpha=1.0, acc
     return out
 
 
+@contextlib.contextmanager
+def capturing():
+    """While a CUDA graph records (``npgpt/cuda_graphs.py``): ``bmm`` runs its GEMMs through
+    ``npgpt.cublas`` (its own cuBLAS handle and workspace), since CuPy's cuBLAS calls refuse stream
+    capture. Enter it before the capture begins: the handle and its workspace are made here."""
+    global _capturing
+    if _cupy is not None:
+        from . import cublas
+        cublas.handle(_cupy.cuda.Device().id, _workspace)
+    old, _capturing = _capturing, True
+    try:
+        yield
+    finally:
+        _capturing = old
+
+
+def _workspace(nbytes):
+    return _cupy.empty(nbytes, np.uint8)
+
+
 def _cublas_bmm(a, b, trans_a, trans_b, out, dtype, alpha, accumulate):
     """The CuPy fast path of ``bmm``: the result (``out`` or a new array), or None when it does
     not apply (other dtypes, broadcasting, an ``out`` that is not one strided batch)."""
-    if a.dtype != b.dtype or a.dtype not in _CUDA_R or dtype not in _CUDA_R or a.ndim < 3 \
+    if a.dtype != b.dtype or a.dtype not in _CUDA_R or dtype not in _CUDA_R or a.ndim < 2 or b.ndim != a.ndim \
             or a.shape[:-2] != b.shape[:-2] or (out is not None and out.shape[:-2] != a.shape[:-2]):
         return None
     M, K = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
@@ -298,8 +329,16 @@ def _cublas_bmm(a, b, trans_a, trans_b, out, dtype, alpha, accumulate):
     op_a, op_b = int(trans_a), int(trans_b)
     ab_type, c_type = _CUDA_R[a.dtype], _CUDA_R[np.dtype(dtype)]
     compute = 77 if (a.dtype == np.float32 and _tf32) else 68  # CUBLAS_COMPUTE_32F(_FAST_TF32)
+    beta = 1.0 if accumulate else 0.0
+    if _capturing:                                           # recordable: npgpt's own handle
+        from . import cublas
+        cublas.gemm_strided_batched(
+            _cupy.cuda.Device().id, _cupy.cuda.get_current_stream().ptr, _workspace, op_b, op_a, N, M, K,
+            alpha, b.data.ptr, ab_type, lb[0], lb[1], a.data.ptr, ab_type, la[0], la[1], beta,
+            c.data.ptr, c_type, lc[0], lc[1], batch, compute)
+        return c
     alpha_h = np.array(alpha, np.float32)                    # host scalars, float32 for 32F compute
-    beta_h = np.array(1.0 if accumulate else 0.0, np.float32)
+    beta_h = np.array(beta, np.float32)
     _cupy.cuda.cublas.gemmStridedBatchedEx(
         _cupy.cuda.device.get_cublas_handle(), op_b, op_a, N, M, K, alpha_h.ctypes.data,
         b.data.ptr, ab_type, lb[0], lb[1], a.data.ptr, ab_type, la[0], la[1], beta_h.ctypes.data,

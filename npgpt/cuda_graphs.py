@@ -18,6 +18,10 @@ and buffers. Two granularities:
     micro-step  (``GraphedMicroStep``, otherwise) the forward and backward of one micro-batch; the
                 optimizer step and zero_grad run eagerly after the replays.
 
+GEMMs: CuPy's cuBLAS calls refuse stream capture, so the recording runs inside
+``backend.capturing()``, where ``backend.bmm`` (every matrix product of the model) calls cuBLAS
+through npgpt's own handle (``npgpt/cublas.py``).
+
 Per replay the batches are copied into the graph's static input buffers and the loss (the last
 micro-batch's) copied out of its static output: tiny copies.
 
@@ -73,7 +77,7 @@ def _capture(xp, record):
     pool = xp.cuda.MemoryPool()                              # the graph's own memory
     stream = xp.cuda.Stream(non_blocking=True)
     stream.wait_event(xp.cuda.get_current_stream().record())
-    with xp.cuda.using_allocator(pool.malloc), stream:
+    with backend.capturing(), xp.cuda.using_allocator(pool.malloc), stream:   # GEMMs: npgpt.cublas
         stream.begin_capture()
         try:
             out = record()

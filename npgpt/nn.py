@@ -11,6 +11,8 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .engine import Tensor
+from .layers.bias_gelu import bias_gelu
+from .layers.tuning import TUNING
 
 __all__ = ["Parameter", "Module", "ModuleList", "Linear", "LayerNorm", "Embedding", "MLP", "cache_len",
            "CausalSelfAttention", "Block"]
@@ -170,7 +172,10 @@ class MLP(Module):
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        h = F.gelu(self.c_fc(x))                                       # (B, T, 4C)
+        if self.c_fc.bias is not None and backend.name == "cupy" and TUNING["cupy"]["fused_bias_gelu"]:
+            h = bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias)   # one pass for + b and GELU
+        else:
+            h = F.gelu(self.c_fc(x))                                   # (B, T, 4C)
         return F.dropout(self.c_proj(h), self.dropout, self.training)  # (B, T, C)
 
 

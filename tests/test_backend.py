@@ -1,4 +1,5 @@
 """The backend switch, dtype default, RNG and the numpy/cupy helpers."""
+import contextlib
 import subprocess
 import sys
 
@@ -61,18 +62,27 @@ def test_scatter_add_accumulates_repeats(xp):
     assert backend.to_numpy(a).tolist() == [3.0, 0.0, 5.0]
 
 
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("lead", [(2, 3), ()])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
-def test_bmm_equals_matmul_of_transposes(xp, dtype, trans_a, trans_b):
-    """backend.bmm (one cuBLAS strided-batched GEMM on CuPy) against a float64 NumPy product."""
+def test_bmm_equals_matmul_of_transposes(xp, dtype, trans_a, trans_b, lead, direct):
+    """backend.bmm (one cuBLAS strided-batched GEMM on CuPy; inside ``backend.capturing()`` through
+    npgpt's own handle, npgpt/cublas.py) against a float64 NumPy product, batched and 2-D, then
+    accumulated into an ``out`` with alpha."""
     rng = np.random.default_rng(0)
     M, K, N = 7, 5, 3
-    a = rng.standard_normal((2, 3) + ((K, M) if trans_a else (M, K)))
-    b = rng.standard_normal((2, 3) + ((N, K) if trans_b else (K, N)))
+    a = rng.standard_normal(lead + ((K, M) if trans_a else (M, K)))
+    b = rng.standard_normal(lead + ((N, K) if trans_b else (K, N)))
     A = a.swapaxes(-1, -2) if trans_a else a
     B = b.swapaxes(-1, -2) if trans_b else b
-    out = backend.bmm(xp.asarray(a.astype(dtype)), xp.asarray(b.astype(dtype)), trans_a, trans_b)
-    assert out.shape == (2, 3, M, N) and out.dtype == np.dtype(dtype)
+    ad, bd = xp.asarray(a.astype(dtype)), xp.asarray(b.astype(dtype))
+    with backend.capturing() if direct else contextlib.nullcontext():
+        out = backend.bmm(ad, bd, trans_a, trans_b)
+        acc = xp.ones(lead + (M, N), dtype)
+        backend.bmm(ad, bd, trans_a, trans_b, out=acc, alpha=0.5, accumulate=True)
+    assert out.shape == lead + (M, N) and out.dtype == np.dtype(dtype)
     ref = np.matmul(A.astype(dtype).astype(np.float64), B.astype(dtype).astype(np.float64))
     tol = {"float16": 2e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
     np.testing.assert_allclose(backend.to_numpy(out).astype(np.float64), ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(backend.to_numpy(acc).astype(np.float64), 1 + 0.5 * ref, rtol=tol, atol=tol)

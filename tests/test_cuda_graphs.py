@@ -91,7 +91,8 @@ def _pair(cp, dtype, dropout=0.0, **opt_kw):
         backend.seed(0)
         model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout,
                               vocab_multiple=64))
-        out.append((model, model.configure_optimizer(1e-3, 0.1, dtype=dtype, max_grad_norm=1.0, **opt_kw)))
+        out.append((model, model.configure_optimizer(1e-3, 0.1, dtype=dtype, flat=True, max_grad_norm=1.0,
+                                                          **opt_kw)))
     return out
 
 

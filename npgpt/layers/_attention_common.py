@@ -32,8 +32,8 @@ def row_dot(a, b):
     """sum over the last axis of a * b in the score dtype: (..., hs) x2 -> (...). With a = dy and
     b = y this is D of (A7)."""
     xp = get_array_module(a)
-    if a.dtype == score_dtype_of(a.dtype):
-        return xp.einsum("...i,...i->...", a, b)
-    prod = a.astype(np.float32)
+    if a.dtype == score_dtype_of(a.dtype) and xp is np:     # CuPy's einsum is a cuBLAS call, which a
+        return xp.einsum("...i,...i->...", a, b)            # CUDA graph cannot record (cuda_graphs.py)
+    prod = a.astype(score_dtype_of(a.dtype))                # a copy: float32 for float16
     prod *= b
     return prod.sum(axis=-1)

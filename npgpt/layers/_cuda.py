@@ -17,8 +17,10 @@ import os
 
 import numpy as np
 
+from .tuning import TUNING
+
 __all__ = ["ENABLED", "enabled", "use_cuda_kernels", "supports", "acc_dtype", "empty", "cdiv", "i32",
-           "vector_width", "vectorizable", "contiguous", "PRELUDE", "raw_kernel", "elementwise_kernel",
+           "vector_width", "vectorizable", "vectorized_applies", "grid_stride", "contiguous", "PRELUDE", "raw_kernel", "elementwise_kernel",
            "register_source", "SOURCES", "cuda_source"]
 
 ENABLED = True
@@ -73,6 +75,19 @@ def vectorizable(C, *arrays):
     """The ``_vec`` kernels may run: rows of C elements split into 16-byte vectors (C % VEC == 0) and
     every array starting on a 16-byte boundary (a view may not)."""
     return C % vector_width(arrays[0].dtype) == 0 and all(a.data.ptr % 16 == 0 for a in arrays)
+
+
+def vectorized_applies(switch, C, *arrays):
+    """A layer's ``_vec`` kernel runs for these (N, C) / (C,) arrays: the tuning table's ``switch`` is on
+    for CuPy, kernels enabled, one float dtype, all C-contiguous, C % VEC == 0, 16-byte aligned."""
+    a = arrays[0]
+    return (not isinstance(a, np.ndarray) and enabled() and TUNING["cupy"][switch] and supports(a.dtype)
+            and all(x.dtype == a.dtype and x.flags.c_contiguous for x in arrays) and vectorizable(C, *arrays))
+
+
+def grid_stride(n, threads=256, max_blocks=132 * 16):
+    """(grid, block) of a grid-stride loop over n items: a few waves of an H100/H200 (132 SMs) at most."""
+    return (max(1, min(cdiv(n, threads), max_blocks)),), (threads,)
 
 
 def contiguous(xp, a, dtype=None):

@@ -18,7 +18,8 @@ import numpy as np
 from ..backend import get_array_module
 from ..engine import Tensor
 from . import _cuda
-from .gelu import gelu, gelu_kernel_body, gelu_reference
+from .gelu import gelu, gelu_backward_vec, gelu_forward_vec, gelu_kernel_body, gelu_reference
+from .linear import column_sums
 
 __all__ = ["bias_gelu", "bias_gelu_reference"]
 
@@ -57,17 +58,25 @@ def _bias_gelu_kernel(xp, which, dtype):
 def bias_gelu_forward_cuda(h, b):
     """(BG1)-(BG2) on CuPy: h (N, C), b (C,) -> y (N, C) of h's dtype."""
     xp = get_array_module(h)
+    b = b.astype(h.dtype, copy=False)
+    if _cuda.vectorized_applies("elementwise_vectorized", h.shape[1], h, b):
+        return gelu_forward_vec(h, b)
     y = _cuda.empty(xp, h.shape, h.dtype)
-    _bias_gelu_kernel(xp, "forward", h.dtype)(h, b.astype(h.dtype, copy=False), y)
+    _bias_gelu_kernel(xp, "forward", h.dtype)(h, b, y)
     return y
 
 
 def bias_gelu_backward_cuda(h, b, dout):
-    """(BG3)-(BG4) on CuPy: -> (dh (N, C) of h's dtype, db (C,) summed in the accumulation dtype)."""
+    """(BG3)-(BG4) on CuPy: -> (dh (N, C) of h's dtype, db (C,) of h's dtype, summed in float32 for
+    float16 and rounded once: ``linear.column_sums``)."""
     xp = get_array_module(h)
-    dh = _cuda.empty(xp, h.shape, h.dtype)
-    _bias_gelu_kernel(xp, "backward", h.dtype)(h, b.astype(h.dtype, copy=False), dout.astype(h.dtype, copy=False), dh)
-    return dh, dh.sum(axis=0, dtype=_cuda.acc_dtype(h.dtype))
+    b, dout = b.astype(h.dtype, copy=False), dout.astype(h.dtype, copy=False)
+    if _cuda.vectorized_applies("elementwise_vectorized", h.shape[1], h, b, dout):
+        dh = gelu_backward_vec(h, dout, b)
+    else:
+        dh = _cuda.empty(xp, h.shape, h.dtype)
+        _bias_gelu_kernel(xp, "backward", h.dtype)(h, b, dout, dh)
+    return dh, column_sums(dh)
 
 
 # ---- the graph node: the CUDA kernels or the plain add and gelu --------------------------------

@@ -126,9 +126,89 @@ def _gelu_kernel(xp, which, dtype):
     return _cuda.elementwise_kernel(xp, f"npgpt_gelu_{which}_{acc}", *_PARAMS[which], gelu_kernel_body(which, acc), acc)
 
 
+# The same (G1)-(G4) with 16-byte loads and stores (VEC elements of a row-major (N, C) array per
+# instruction, a grid-stride loop over its N C / VEC vectors), optionally with a bias b (C,) added
+# first and kept unrounded (bias_gelu.py's (BG1)-(BG3)). Element e is column e % C; C % VEC == 0 keeps a
+# vector in one row. CuPy's one-element-per-thread kernel above moved float16 at ~0.8 TB/s on an H200
+# (0.24 ms per (16384, 3072) call, PyTorch's vectorized one 0.10 ms: RESULTS.md, "Where the GPU step
+# goes"); used where ``TUNING["cupy"]["elementwise_vectorized"]`` and ``_cuda.vectorized_applies`` allow.
+GELU_VEC_SOURCE = _cuda.register_source("raw", "gelu_vectorized", r"""
+__device__ __forceinline__ float th(float v) { return tanhf(v); }
+__device__ __forceinline__ double th(double v) { return tanh(v); }
+__device__ __forceinline__ A gelu_s(A v) { return (A)1 + th(v * ((A)%(a)r + (A)%(ab)r * v * v)); }   // (G1)
+
+extern "C" __global__ void npgpt_gelu_fwd_vec(const T* x, const T* b, T* y, long long n_vec, int C, int has_b) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_vec;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long e = i * VEC;
+        const Vec xv = load_vec(x + e), bv = load_vec(has_b ? b + (int)(e %% C) : x + e);
+        Vec out;
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            const A v = to_acc(xv.v[k]) + (has_b ? to_acc(bv.v[k]) : (A)0);
+            put(&out.v[k], (A)0.5 * v * gelu_s(v));                                        // (G2)
+        }
+        store_vec(y + e, out);
+    }
+}
+
+extern "C" __global__ void npgpt_gelu_bwd_vec(const T* x, const T* b, const T* dout, T* dinp, long long n_vec,
+                                              int C, int has_b) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_vec;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long e = i * VEC;
+        const Vec xv = load_vec(x + e), dv = load_vec(dout + e), bv = load_vec(has_b ? b + (int)(e %% C) : x + e);
+        Vec out;
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            const A v = to_acc(xv.v[k]) + (has_b ? to_acc(bv.v[k]) : (A)0);
+            const A s = gelu_s(v);
+            put(&out.v[k], s * ((A)0.5 + v * ((A)%(ha)r + (A)%(h3ab)r * v * v) * ((A)2 - s))   // (G3)
+                           * to_acc(dv.v[k]));                                                 // (G4)
+        }
+        store_vec(dinp + e, out);
+    }
+}
+""" % _CONSTANTS)
+
+
+def gelu_forward_vec(x, b=None):
+    """GELU(x + b) or GELU(x) with the ``_vec`` kernel: x (N, C), b (C,) or None -> y (N, C) of x's
+    dtype (``_cuda.vectorized_applies`` must hold for them)."""
+    xp = get_array_module(x)
+    N, C = x.shape
+    y = _cuda.empty(xp, (N, C), x.dtype)
+    n_vec = N * C // _cuda.vector_width(x.dtype)
+    if n_vec:
+        _cuda.raw_kernel(xp, "npgpt_gelu_fwd_vec", x.dtype, GELU_VEC_SOURCE)(
+            *_cuda.grid_stride(n_vec), (x, x if b is None else b, y, np.int64(n_vec), _cuda.i32(C),
+                                        np.int32(b is not None)))
+    return y
+
+
+def gelu_backward_vec(x, dout, b=None):
+    """dout GELU'(x + b) (or of x) with the ``_vec`` kernel: x, dout (N, C), b (C,) or None -> dinp."""
+    xp = get_array_module(x)
+    N, C = x.shape
+    dinp = _cuda.empty(xp, (N, C), x.dtype)
+    n_vec = N * C // _cuda.vector_width(x.dtype)
+    if n_vec:
+        _cuda.raw_kernel(xp, "npgpt_gelu_bwd_vec", x.dtype, GELU_VEC_SOURCE)(
+            *_cuda.grid_stride(n_vec), (x, x if b is None else b, dout, dinp, np.int64(n_vec), _cuda.i32(C),
+                                        np.int32(b is not None)))
+    return dinp
+
+
+def _rows(x):
+    """x (...) as (N, C) with C its last axis (a view of a contiguous array)."""
+    return x.reshape(-1, x.shape[-1] if x.ndim else 1)
+
+
 def gelu_forward_cuda(x):
     """(G1)-(G2) on CuPy: x (...) -> y (...) of x's dtype."""
     xp = get_array_module(x)
+    if x.ndim and _cuda.vectorized_applies("elementwise_vectorized", x.shape[-1], x):
+        return gelu_forward_vec(_rows(x)).reshape(x.shape)
     y = _cuda.empty(xp, x.shape, x.dtype)
     _gelu_kernel(xp, "forward", x.dtype)(x, y)
     return y
@@ -137,8 +217,11 @@ def gelu_forward_cuda(x):
 def gelu_backward_cuda(x, dout):
     """(G3)-(G4) on CuPy, s recomputed from x: x and dout (...) -> dinp (...) of x's dtype."""
     xp = get_array_module(x)
+    dout = dout.astype(x.dtype, copy=False)
+    if x.ndim and _cuda.vectorized_applies("elementwise_vectorized", x.shape[-1], x, dout):
+        return gelu_backward_vec(_rows(x), _rows(dout)).reshape(x.shape)
     dinp = _cuda.empty(xp, x.shape, x.dtype)
-    _gelu_kernel(xp, "backward", x.dtype)(x, dout.astype(x.dtype, copy=False), dinp)
+    _gelu_kernel(xp, "backward", x.dtype)(x, dout, dinp)
     return dinp
 
 
