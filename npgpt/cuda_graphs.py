@@ -32,11 +32,14 @@ micro-step's gradients zeroed; the whole step's weights, moments, gradients and 
 restored from copies); the graph is captured on a side stream and replayed on the current one.
 Dropout draws from ``backend.rng()``, whose generator state lives on the device, so replays draw
 fresh masks (checked by the GPU test); a run with graphs is not bit-identical to one without (the
-warm-up's extra draws).
+warm-up's extra draws), and with dropout > 0 a resumed run draws other masks than an uninterrupted one
+(its own warm-up): for bit-exact resume with dropout on a GPU, use ``cuda_graphs=off``.
 
 The knob ``TrainConfig.cuda_graphs``: "off", "on" (CuPy only: on NumPy it is refused, there are no
 graphs) or "auto" = ``AUTO``, False until a GPU benchmark shows graphs faster (benchmarks/RESULTS.md,
-"GPU work prepared without a GPU"). Nothing here has run on a GPU yet.
+"GPU kernels measured on the H200"): on. Measured on an H200 (2026-11-30, fp16): the whole step
+replayed took GPT-2 124M from 78.5 to 64.3 ms (flash attention) and the small config from 38.0 to
+11.1 ms, where the eager step waits for Python's launches.
 """
 from . import backend
 from .engine import Tensor
@@ -44,7 +47,7 @@ from .engine import Tensor
 __all__ = ["MODES", "AUTO", "WHOLE_STEP", "use_graphs", "GraphedMicroStep", "GraphedStep", "graphed_train_step"]
 
 MODES = ("auto", "on", "off")
-AUTO = False        # "auto" records graphs: off until measured on a GPU (module docstring)
+AUTO = True         # "auto" records graphs on CuPy: measured faster on an H200 (module docstring)
 WHOLE_STEP = True   # graphs on: the whole step where the optimizer is capturable, else the micro-steps
 
 

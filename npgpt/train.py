@@ -77,7 +77,7 @@ class TrainConfig:
     vocab_multiple: int = 0               # pad the token table to a multiple of this (0: auto = 64 on cuda,
                                           # 1 = none on cpu); invisible in checkpoints (model.py)
     cuda_graphs: str = "auto"             # capture and replay the training step (cuda_graphs.py):
-                                          # auto (= off until measured) | on | off
+                                          # auto (= on with CuPy, measured faster) | on | off
     progress: bool = True
     overwrite: bool = False               # a new run may replace the checkpoint already in out_dir
     zero: bool = True                     # on more than one rank (mpiexec/srun): ZeRO-1, each rank keeps 1/N

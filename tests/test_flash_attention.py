@@ -123,9 +123,9 @@ def test_causal_tiles_are_skipped():
     assert list(fa.key_tiles(64, 64, 100, 100, 64)) == [0, 1]     # the last tile is partial
 
 
-def test_dispatch_is_off_on_numpy_and_by_default():
-    """"auto" never picks the unmeasured kernels; "flash" on NumPy falls back to the existing path."""
-    assert fa.AUTO is False
+def test_dispatch_is_on_by_default_and_off_on_numpy():
+    """"auto" picks the kernels (measured faster); "flash" on NumPy falls back to the existing path."""
+    assert fa.AUTO is True
     q, k, v, _ = inputs(4, 1, 1, 8, 8, 64, np.float16)
     assert not fa.use_flash(q, k, v, forced=True)              # NumPy arrays: no kernel
     old = attention.set_impl("flash")

@@ -55,7 +55,7 @@ KNOBS = {
     "tf32": ("system", "float32 matmuls on TF32 tensor cores (cuda)"),
     "threads": ("system", "CPU threads (0 = the cores other processes leave free, or $NPGPT_THREADS)"),
     "vocab_multiple": ("system", "pad the token table to a multiple of this (0 = auto: 64 on cuda, none on cpu)"),
-    "cuda_graphs": ("system", "capture and replay the training step: auto (off until measured) | on | off"),
+    "cuda_graphs": ("system", "capture and replay the training step: auto (on with CuPy) | on | off"),
     "progress": ("system", "a progress bar (false: a log line every log_interval)"),
     "overwrite": ("data", "a new run may replace the checkpoint already in out_dir (else refused)"),
     "zero": ("system", "under mpiexec/srun: ZeRO-1, each rank keeps 1/N of the optimizer state (false: all-reduce)"),

@@ -218,8 +218,8 @@ _COLS_BLOCK = 1024        # npgpt_ln_bwd_cols assumes exactly 32 x 32 threads
 
 
 def _vectorized(xp, vectorized, C, *arrays):
-    """Use the ``_vec`` kernels: asked for (None: the tuning table's "layer_norm_vectorized", off until
-    measured on a GPU, RESULTS.md "GPU work prepared without a GPU") and possible for these arrays."""
+    """Use the ``_vec`` kernels: asked for (None: the tuning table's "layer_norm_vectorized", on:
+    RESULTS.md "GPU kernels measured on the H200") and possible for these arrays."""
     wanted = tuned(xp, "layer_norm_vectorized") if vectorized is None else vectorized
     return bool(wanted) and _cuda.vectorizable(C, *arrays)
 
