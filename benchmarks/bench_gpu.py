@@ -7,7 +7,9 @@ side by side in one run.
     python benchmarks/bench_gpu.py --check     # CPU smoke test: tiny model on NumPy (and torch on the CPU)
 
 Frameworks (--frameworks): "npgpt" (CuPy; ``configure_optimizer(flat=True, dtype=...)``, a FlatAdamW;
-the vocabulary padded to a multiple of 64, attention "auto", no CUDA graphs) and its variants
+the vocabulary padded to a multiple of 64, attention "auto", the kernels of the tuning table and the
+whole step replayed from a CUDA graph: what ``npgpt train`` runs by default), "npgpt-eager" (the same
+without CUDA graphs) and its variants
 "npgpt-flash" (NPGPT_ATTENTION=flash: the tensor-core FlashAttention-2 kernels), "npgpt-graphs"
 (the whole step replayed from a CUDA graph, npgpt/cuda_graphs.py), "npgpt-graphs-micro" (only the
 micro-steps' forward + backward replayed, the optimizer step eager), "npgpt-flash-graphs" (flash and
@@ -68,13 +70,14 @@ CONFIGS = {
     "check": dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=128, batch_size=2),
 }
 PRECISIONS = ("fp16", "tf32", "fp32")
-FRAMEWORKS = ("npgpt", "npgpt-flash", "npgpt-graphs", "npgpt-graphs-micro", "npgpt-flash-graphs", "npgpt-scalar",
+FRAMEWORKS = ("npgpt", "npgpt-eager", "npgpt-flash", "npgpt-graphs", "npgpt-graphs-micro", "npgpt-flash-graphs", "npgpt-scalar",
               "npgpt-ew", "npgpt-fused", "npgpt-nopad", "torch-sdpa", "torch-math", "torch-compile")
-DEFAULT_FRAMEWORKS = ("npgpt", "npgpt-flash", "npgpt-graphs", "npgpt-flash-graphs", "torch-sdpa", "torch-math")
+DEFAULT_FRAMEWORKS = ("npgpt", "npgpt-eager", "torch-sdpa", "torch-compile")
 # npgpt variant -> (attention implementation, CUDA graphs: False / "step" / "micro", vocab_multiple,
 # changes to the CuPy tuning table, layers/tuning.py)
 _EW = {"elementwise_vectorized": True}
-NPGPT_VARIANTS = {"npgpt": ("auto", False, 64, {}), "npgpt-flash": ("flash", False, 64, {}),
+NPGPT_VARIANTS = {"npgpt": ("auto", "step", 64, {}), "npgpt-eager": ("auto", False, 64, {}),
+                  "npgpt-flash": ("flash", False, 64, {}),
                   "npgpt-graphs": ("auto", "step", 64, {}), "npgpt-graphs-micro": ("auto", "micro", 64, {}),
                   "npgpt-flash-graphs": ("flash", "step", 64, {}),
                   "npgpt-scalar": ("auto", False, 64, {"layer_norm_vectorized": False, "cross_entropy_vectorized": False}),
@@ -335,7 +338,7 @@ def fail(msg):
 def preflight(frameworks):
     """One clear line and exit 2 when the GPU stack a framework needs is missing. Creates no CUDA
     context (device counts only), so the children get the whole GPU."""
-    if "npgpt" in frameworks:
+    if any(f.startswith("npgpt") for f in frameworks):
         if importlib.util.find_spec("cupy") is None:
             fail("CuPy is not installed: pip install cupy-cuda12x (or cupy-cuda13x, to match the CUDA "
                  "version nvidia-smi shows); --frameworks torch-sdpa torch-math skips npgpt; --check runs on the CPU")
@@ -470,7 +473,7 @@ def main():
     start = time.perf_counter()
     if args.check:
         configs, precisions = ["check"], ["fp16", "fp32"]
-        frameworks = [f for f in args.frameworks if f in ("npgpt", "npgpt-flash", "npgpt-scalar", "npgpt-nopad")
+        frameworks = [f for f in args.frameworks if f in ("npgpt-eager", "npgpt-flash", "npgpt-scalar", "npgpt-nopad")
                       or (f in ("torch-sdpa", "torch-math") and importlib.util.find_spec("torch") is not None)]
         device = "cpu (NumPy backend; peaks and MFU are meaningless here)"
     else:
