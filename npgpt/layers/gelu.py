@@ -44,17 +44,20 @@ def gelu_reference(x):
 # ---- NumPy forward and backward, in place over the thread pool ----------------------------------
 # In place (out=) with one temporary and split over threads: RESULTS.md, "Tuning constants" (the
 # plain expressions are in the comments; every element is computed exactly as without threads).
+# s = 1 + tanh u is computed as 2 / (1 + exp(-2u)) (the same number: 1 + tanh u = 2 sigmoid(2u), with
+# no cancellation at either end): NumPy's float32 exp is SIMD and about twice as fast as its tanh.
 
 def _gelu_forward_block(X, out, s):
     xp = get_array_module(X)
     xp.multiply(X, X, out=s)
-    s *= GELU_A * GELU_B
-    s += GELU_A
-    s *= X                                                  # u = x (a + ab x^2)          (G1)
-    xp.tanh(s, out=s)
-    s += 1.0                                                # s = 1 + tanh u
-    xp.multiply(X, s, out=out)
-    out *= 0.5                                              # y = x s / 2                 (G2)
+    s *= -2.0 * GELU_A * GELU_B
+    s -= 2.0 * GELU_A
+    s *= X                                                  # -2u, u = x (a + ab x^2)     (G1)
+    with np.errstate(over="ignore"):                        # exp(-2u) = inf: y = 0 and s = 0, as they should
+        xp.exp(s, out=s)
+    s += 1.0                                                # 1 + exp(-2u)
+    xp.divide(X, s, out=out)                                # y = x s / 2 = x / (1 + exp(-2u))  (G2)
+    xp.divide(2.0, s, out=s)                                # s = 1 + tanh u = 2 / (1 + exp(-2u))
 
 
 def _gelu_backward_block(X, s, dout, dinp):

@@ -12,7 +12,8 @@ aligned (``_cuda.vectorizable``); otherwise the scalar kernels run.
 Why a file of their own: they were candidate versions, kept apart as llm.c keeps kernel versions in
 ``dev/cuda`` until a benchmark picks one. On an H200 (2026-11-30, GPT-2 124M shapes, fp16) they won
 (layer norm 0.094 vs 0.135 ms, cross-entropy 2.06 vs 3.58 ms: benchmarks/RESULTS.md, "GPU kernels
-measured on the H200"), so both switches are on; moving them into their layers' files is left to do.
+measured on the H200"), so both switches are on. They stay in this file because their layers' files
+(``layer_norm.py``, ``cross_entropy.py``) would outgrow the 350-line budget with them.
 Tested against float64 NumPy on a GPU (``tests/test_vectorized_kernels.py``), compiled with nvcc
 without one (``tests/test_cuda_sources.py``).
 """
