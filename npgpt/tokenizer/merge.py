@@ -11,12 +11,14 @@ and ``bpe_merge_batch`` for many short pre-tokens at once (the new words of a bl
 list loop's steps, one merge per word per step, as NumPy operations over all the words together.
 """
 import heapq
+import itertools
 
 import numpy as np
 
-__all__ = ["bpe_merge", "bpe_merge_batch", "span_table", "pair_table", "SHORT_PIECE", "ROUNDS_PIECE"]
+__all__ = ["bpe_merge", "bpe_merge_batch", "bpe_merge_spans", "span_table", "pair_table", "SHORT_PIECE", "ROUNDS_PIECE"]
 
 _NO_PAIR = 1 << 62               # the rank of a pair that is not a token (above every rank)
+_MISSING = (1 << 31) - 1          # the same in bpe_merge_spans, where ranks must fit in 31 bits
 SHORT_PIECE = 128                 # longer pre-tokens merge by heap, see bpe_merge
 ROUNDS_PIECE = 4096               # and longer still by NumPy rounds first
 SMALL_ROUNDS = 8
@@ -64,11 +66,13 @@ def _merge_list(parts, ranks):
 
 
 def span_table(ranks):
-    """For ``bpe_merge_batch``: the id of each byte (256,), and every token of at most ``SPAN_BYTES``
+    """For ``bpe_merge_spans``: the id of each byte (256,); every token of at most ``SPAN_BYTES``
     bytes as a sorted integer key (its bytes read as a big-endian number, shifted left by 3 bits,
-    plus its length: distinct tokens, distinct keys) with the token's rank beside it."""
+    plus its length: distinct tokens, distinct keys) with the token's rank beside it; and the rank
+    of each two-byte token at ``256 * first byte + second`` (65536,; ``_NO_PAIR`` if not a token)."""
     byte_ids = np.array([ranks[b] for b in _BYTES], np.int64)
     tokens = list(ranks)
+    values = np.fromiter(ranks.values(), np.int64, len(tokens))
     lengths = np.fromiter(map(len, tokens), np.int64, len(tokens))
     padded = np.array(tokens, f"S{SPAN_BYTES}").view(np.uint8).reshape(-1, SPAN_BYTES)   # (V, SPAN_BYTES)
     number = np.zeros(len(tokens), np.int64)
@@ -77,84 +81,121 @@ def span_table(ranks):
     short = lengths <= SPAN_BYTES
     keys = number[short] >> (8 * (SPAN_BYTES - lengths[short])) << 3 | lengths[short]
     order = np.argsort(keys)
-    return byte_ids, keys[order], np.fromiter(ranks.values(), np.int64, len(tokens))[short][order]
+    pairs = np.full(1 << 16, _NO_PAIR, np.int64)
+    two = lengths == 2
+    pairs[padded[two, 0].astype(np.int64) << 8 | padded[two, 1]] = values[two]
+    return byte_ids, keys[order], values[short][order], pairs
 
 
-def _span_ranks(starts, ends, windows, joined, ranks, table):
-    """The rank of each byte span [starts, ends) of ``joined`` (``_NO_PAIR`` if not a token): spans of
+def _span_ranks(starts, ends, windows, joined, ranks, table, missing=_NO_PAIR):
+    """The rank of each byte span [starts, ends) of ``joined`` (``missing`` if not a token): spans of
     up to SPAN_BYTES bytes by binary search of their keys (from ``windows``: the SPAN_BYTES bytes at
     each offset as one number), longer ones by dict lookups."""
-    _, keys, key_ranks = table
+    keys, key_ranks = table[1], table[2]
     lengths = ends - starts
     short = lengths <= SPAN_BYTES
-    out = np.full(len(starts), _NO_PAIR, np.int64)
+    out = np.full(len(starts), missing, np.int64)
     q = windows[starts[short]] >> (8 * (SPAN_BYTES - lengths[short])) << 3 | lengths[short]
     at = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
-    out[short] = np.where(keys[at] == q, key_ranks[at], _NO_PAIR)
+    out[short] = np.where(keys[at] == q, key_ranks[at], missing)
     if not short.all():
         get, long = ranks.get, np.flatnonzero(~short)
         spans = zip(starts[long].tolist(), ends[long].tolist())
-        out[long] = [get(joined[s:e], _NO_PAIR) for s, e in spans]
+        out[long] = [get(joined[s:e], missing) for s, e in spans]
     return out
 
 
 def bpe_merge_batch(pieces, ranks, table):
-    """``[bpe_merge(p, ranks) for p in pieces]`` for many short pieces (bytes, 2+ each), in NumPy steps.
+    """``[bpe_merge(p, ranks) for p in pieces]`` for many short pieces (bytes, 1+ each), in NumPy steps
+    (``bpe_merge_spans``, as lists)."""
+    ids, starts, counts = bpe_merge_spans(pieces, ranks, table)
+    ids = ids.tolist()
+    return [ids[s:s + n] for s, n in zip(starts.tolist(), counts.tolist())]
 
-    All parts of all pieces sit in flat arrays, each part with its byte span [start, end) in the
-    joined pieces, its id, whether it ends its piece, and the rank of the pair it starts. A step
-    takes each piece's lowest pair rank (``minimum.reduceat``), retires the pieces with none, merges
-    each other piece's leftmost lowest pair -- exactly the list loop's step -- and looks up only the
-    pairs touching a merged part (``_span_ranks``: vectorized up to SPAN_BYTES bytes). Pieces finish
-    in as many steps as their longest needs merges; the last few live pieces finish in the list
-    loop. ``table``: ``span_table(ranks)``."""
+
+def bpe_merge_spans(pieces, ranks, table):
+    """The ids of many short pieces (bytes, 1+ each) as spans of one array: piece i's ids are
+    ``ids[starts[i]:starts[i] + counts[i]]``, equal to ``bpe_merge(pieces[i], ranks)``. ``table``:
+    ``span_table(ranks)``.
+
+    The list loop's steps for all pieces at once. Piece i with n parts holds n + 1 slots of flat
+    arrays: its parts, then an end slot. Slot s has ``bounds[s]``, the offset of its part in the
+    joined pieces (the end slot's: the piece's end, so a part's bytes are bounds[s]:bounds[s + 1]),
+    ``ids[s]``, and ``pair_ranks[s]``, the rank of the pair of parts s, s + 1 (``_MISSING`` if not a
+    token or s + 1 is the end slot). A step:
+    1. keys ``pair_rank << 32 | s`` make one ``minimum.reduceat`` per piece give both its lowest
+       rank and the leftmost slot holding it (ties go left, as in the list loop);
+    2. pieces with no pair left retire: their parts' ids, contiguous, join the output as they are;
+    3. every other piece merges its pair: slot s takes the pair's rank as its id, slot s + 1 goes;
+    4. only the two pairs touching a merged part are looked up again (``_span_ranks``: vectorized
+       up to SPAN_BYTES bytes, the first step's two-byte pairs in a 65536-entry table).
+    Pieces finish in as many steps as their longest needs merges; the last few live pieces finish
+    in the list loop (a NumPy step costs more then)."""
+    if table[2].size and table[2].max() >= _MISSING:             # (keys need ranks below 2**31 - 1)
+        merged = [_merge_list([_BYTES[c] for c in p], ranks) for p in pieces]
+        counts = np.fromiter(map(len, merged), np.int64, len(merged))
+        return (np.fromiter(itertools.chain.from_iterable(merged), np.int64, int(counts.sum())),
+                np.cumsum(counts) - counts, counts)
     joined = b"".join(pieces)
     data = np.frombuffer(joined + bytes(SPAN_BYTES), np.uint8).astype(np.int64)
     windows = np.zeros(len(joined), np.int64)        # the SPAN_BYTES bytes from each offset, big-endian
     for k in range(SPAN_BYTES):
         windows = windows << 8 | data[k:k + len(joined)]
     counts = np.fromiter(map(len, pieces), np.int64, len(pieces))      # parts of each live piece
-    starts = np.arange(len(joined))
-    ends = starts + 1
-    last = np.zeros(len(joined), bool)               # part ends its piece
-    last[np.cumsum(counts) - 1] = True
-    ids = table[0][data[:len(joined)]]
-    pair_ranks = _span_ranks(starts, np.minimum(starts + 2, len(joined)), windows, joined, ranks, table)
-    pair_ranks[last] = _NO_PAIR                      # no pair across two pieces
+    first = np.cumsum(counts + 1) - counts - 1       # each live piece's first slot
+    bounds = np.arange(len(joined) + len(pieces)) - np.repeat(np.arange(len(pieces)), counts + 1)
+    ids = table[0][data[bounds]]
+    pair_ranks = np.minimum(table[3][data[bounds] << 8 | data[bounds + 1]], _MISSING)
+    pair_ranks[first + counts - 1] = _MISSING        # the last part's and the end slot's
+    pair_ranks[first + counts] = _MISSING
     live = np.arange(len(pieces))                    # index in ``pieces`` of each live piece
-    out = [None] * len(pieces)
+    out, out_starts, out_counts, size = [], np.zeros(len(pieces), np.int64), np.zeros(len(pieces), np.int64), 0
     while True:
-        first = np.cumsum(counts) - counts           # each live piece's first part
-        best = np.minimum.reduceat(pair_ranks, first)
-        done = best == _NO_PAIR
-        if done.any():                               # retire the pieces with no pair left to merge
-            keep = np.repeat(~done, counts)
-            finished, at = ids[~keep].tolist(), 0
-            for i, n in zip(live[done].tolist(), counts[done].tolist()):
-                out[i], at = finished[at:at + n], at + n
+        lowest = np.minimum.reduceat(pair_ranks << 32 | np.arange(len(pair_ranks)), first)   # 1.
+        best, at = lowest >> 32, lowest & 0xFFFFFFFF
+        done = best == _MISSING
+        if done.any():                               # 2.
+            keep = np.repeat(~done, counts + 1)
+            part = np.ones(len(ids), bool)
+            part[first + counts] = False
+            out.append(ids[~keep & part])
+            out_starts[live[done]] = size + np.cumsum(counts[done]) - counts[done]
+            out_counts[live[done]] = counts[done]
+            size += len(out[-1])
             if done.all():
-                return out
-            ids, starts, ends, last, pair_ranks = ids[keep], starts[keep], ends[keep], last[keep], pair_ranks[keep]
-            live, counts, best = live[~done], counts[~done], best[~done]
-            first = np.cumsum(counts) - counts
-        if len(live) < BATCH_TAIL:                   # a NumPy step costs more than the list loop now
-            parts = [joined[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
-            for i, begin, end in zip(live.tolist(), first.tolist(), (first + counts).tolist()):
-                out[i] = _merge_list(parts[begin:end], ranks)
-            return out
-        lowest = np.flatnonzero(pair_ranks == np.repeat(best, counts))
-        piece_of = np.searchsorted(first, lowest, "right")
-        at = lowest[np.concatenate(([True], piece_of[1:] != piece_of[:-1]))]   # leftmost per piece
-        ids[at], ends[at], last[at] = best, ends[at + 1], last[at + 1]        # part at absorbs at + 1
+                return np.concatenate(out), out_starts, out_counts
+            ids, bounds, pair_ranks = ids[keep], bounds[keep], pair_ranks[keep]
+            at, best, live, counts = at[~done], best[~done], live[~done], counts[~done]
+            new_first = np.cumsum(counts + 1) - counts - 1
+            at += new_first - first[~done]
+            first = new_first
+        if len(live) < BATCH_TAIL:                   # the list loop finishes
+            parts = joined_parts(joined, bounds, first, counts)
+            tail = [_merge_list(p, ranks) for p in parts]
+            tail_counts = np.fromiter(map(len, tail), np.int64, len(tail))
+            out.append(np.fromiter(itertools.chain.from_iterable(tail), np.int64, int(tail_counts.sum())))
+            out_starts[live] = size + np.cumsum(tail_counts) - tail_counts
+            out_counts[live] = tail_counts
+            return np.concatenate(out), out_starts, out_counts
+        ids[at] = best                               # 3.
         keep = np.ones(len(ids), bool)
         keep[at + 1] = False
-        ids, starts, ends, last, pair_ranks = ids[keep], starts[keep], ends[keep], last[keep], pair_ranks[keep]
+        ids, bounds, pair_ranks = ids[keep], bounds[keep], pair_ranks[keep]
+        shift = np.arange(len(at))                   # (each piece before lost one slot)
+        at -= shift
+        first -= shift
         counts -= 1
-        at -= np.arange(len(at))                     # the merged parts' places after the deletions
-        pair_ranks[at[last[at]]] = _NO_PAIR
-        before = at[at > 0] - 1
-        touched = np.concatenate((at[~last[at]], before[~last[before]]))   # pairs (at, at+1), (at-1, at)
-        pair_ranks[touched] = _span_ranks(starts[touched], ends[touched + 1], windows, joined, ranks, table)
+        right = at + 1 < first + counts              # part at has a right neighbour
+        pair_ranks[at[~right]] = _MISSING
+        touched = np.concatenate((at[right], at[at > first] - 1))   # 4. pairs (at, at+1), (at-1, at)
+        pair_ranks[touched] = _span_ranks(bounds[touched], bounds[touched + 2], windows, joined, ranks, table,
+                                          _MISSING)
+
+
+def joined_parts(joined, bounds, first, counts):
+    """Each piece's parts (lists of bytes) from the slot layout of ``bpe_merge_spans``."""
+    cuts = bounds.tolist()
+    return [[joined[cuts[s]:cuts[s + 1]] for s in range(f, f + n)] for f, n in zip(first.tolist(), counts.tolist())]
 
 
 def _merge_heap(piece, ranks, starts, part_ids):
