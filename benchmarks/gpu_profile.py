@@ -11,6 +11,7 @@ the GPU or the host is the bottleneck), time per category (GEMM, attention, npgp
 CuPy elementwise/reduction kernels, PyTorch's kernels, copies) and the top kernels by total time.
 """
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -96,15 +97,17 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json")
     args = ap.parse_args()
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("gpu_profile.py records kernels with PyTorch's profiler: install a CUDA build of torch")
     bench_gpu.time_steps = profiled_time_steps
     run_args = SimpleNamespace(batch=None, accum=1, warmup=2, steps=args.steps, torch_adamw="fused",
                                attention=None)
     out = {}
     for variant in args.variants:
-        if variant.startswith("torch"):
-            measure = bench_gpu.setup_torch("cuda", "fp16")
-        else:
-            measure = bench_gpu.setup_npgpt("cuda", "fp16")
+        try:
+            measure = (bench_gpu.setup_torch if variant.startswith("torch") else bench_gpu.setup_npgpt)("cuda", "fp16")
+        except Exception as e:                         # no GPU, no CuPy, a CPU build of torch: one line
+            raise SystemExit(f"gpu_profile.py: {variant} cannot run here: {type(e).__name__}: {e}")
         for name in args.configs:
             try:
                 measure(name, variant, run_args)
