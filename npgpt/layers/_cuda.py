@@ -20,8 +20,8 @@ import numpy as np
 from .tuning import TUNING
 
 __all__ = ["ENABLED", "enabled", "use_cuda_kernels", "supports", "acc_dtype", "empty", "cdiv", "i32",
-           "vector_width", "vectorizable", "vectorized_applies", "grid_stride", "contiguous", "PRELUDE", "raw_kernel", "elementwise_kernel",
-           "register_source", "SOURCES", "cuda_source"]
+           "vector_width", "vectorizable", "vectorized_applies", "grid_stride", "contiguous", "PRELUDE",
+           "raw_kernel", "elementwise_kernel", "register_source", "SOURCES", "cuda_source"]
 
 ENABLED = True
 # storage dtype -> (C type T, accumulation type A)

@@ -218,7 +218,8 @@ def _threads_per_row(V, per_thread=1):
 
 def _vectorized(xp, vectorized, ld, *arrays):
     """Use the ``_vec`` kernels (vectorized_kernels.py): asked for (None: the tuning table's
-    "cross_entropy_vectorized", on: RESULTS.md "GPU kernels measured on the H200") and possible: the row stride ld a multiple of VEC, the arrays 16-byte aligned."""
+    "cross_entropy_vectorized", on: RESULTS.md "GPU kernels measured on the H200") and possible: the
+    row stride ld a multiple of VEC, the arrays 16-byte aligned."""
     wanted = tuned(xp, "cross_entropy_vectorized") if vectorized is None else vectorized
     return bool(wanted) and _cuda.vectorizable(ld, *arrays)
 

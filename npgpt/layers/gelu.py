@@ -133,8 +133,8 @@ def _gelu_kernel(xp, which, dtype):
 # instruction, a grid-stride loop over its N C / VEC vectors), optionally with a bias b (C,) added
 # first and kept unrounded (bias_gelu.py's (BG1)-(BG3)). Element e is column e % C; C % VEC == 0 keeps a
 # vector in one row. CuPy's one-element-per-thread kernel above moved float16 at ~0.8 TB/s on an H200
-# (0.24 ms per (16384, 3072) call, PyTorch's vectorized one 0.10 ms: RESULTS.md, "Where the GPU step
-# goes"); used where ``TUNING["cupy"]["elementwise_vectorized"]`` and ``_cuda.vectorized_applies`` allow.
+# (0.24 ms per (16384, 3072) call, PyTorch's vectorized one 0.10 ms: RESULTS.md, "GPU kernels measured
+# on the H200"); used where ``TUNING["cupy"]["elementwise_vectorized"]`` and ``_cuda.vectorized_applies`` allow.
 GELU_VEC_SOURCE = _cuda.register_source("raw", "gelu_vectorized", r"""
 __device__ __forceinline__ float th(float v) { return tanhf(v); }
 __device__ __forceinline__ double th(double v) { return tanh(v); }

@@ -61,7 +61,7 @@ def linear_forward(X, W, b=None):
 
 # "+ b" of (L1) on CuPy with 16-byte loads and stores: a grid-stride loop over the N Cout / VEC vectors of
 # Y; element e is column e % Cout, and Cout % VEC == 0 keeps a vector in one row. CuPy's broadcast add
-# moves one element per thread (RESULTS.md, "Where the GPU step goes").
+# moves one element per thread (RESULTS.md, "GPU kernels measured on the H200").
 BIAS_ADD_SOURCE = _cuda.register_source("raw", "bias_add_vectorized", r"""
 extern "C" __global__ void npgpt_bias_add_vec(T* y, const T* b, long long n_vec, int C) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n_vec;
@@ -105,7 +105,7 @@ def column_sums(dout):
     """(L4) sum over the rows of dout (N, Cout) -> (Cout,) of dout's dtype; float16 summed in float32
     and rounded once. On CuPy it is one GEMM, ones (1, N) @ dout (cuBLAS, float32 accumulation):
     CuPy's own axis-0 reduction took 0.37 ms per call at GPT-2 124M's (16384, 3072), 18 ms of a
-    step (RESULTS.md, "Where the GPU step goes"). float32 under TF32 keeps the reduction (TF32 would
+    step (RESULTS.md, "GPU kernels measured on the H200"). float32 under TF32 keeps the reduction (TF32 would
     round every term)."""
     if isinstance(dout, np.ndarray) or dout.dtype not in (np.float16, np.float32) or \
             (dout.dtype == np.float32 and backend.tf32_enabled()):
