@@ -60,6 +60,19 @@ def f64():
 
 
 @pytest.fixture
+def kernel_launches(monkeypatch):
+    """The names of the RawKernels launched during the test, in order (``_cuda.raw_kernel`` spied)."""
+    names = []
+    raw_kernel = _cuda.raw_kernel
+
+    def spy(xp, name, dtype, source):
+        names.append(name)
+        return raw_kernel(xp, name, dtype, source)
+    monkeypatch.setattr(_cuda, "raw_kernel", spy)
+    return names
+
+
+@pytest.fixture
 def cp(monkeypatch):
     """CuPy as the backend with the CUDA kernels on and every kernel output buffer starting as NaN (so
     an element a kernel forgets to write fails the comparison); skipped without a usable GPU."""

@@ -19,17 +19,10 @@ SHAPES = [(33, 128), (5, 2304), (7, 130), (3, 12)]
 
 
 @pytest.fixture
-def launched(monkeypatch):
+def launched(monkeypatch, kernel_launches):
     """The vectorized elementwise kernels switched on; the names of the RawKernels launched."""
     monkeypatch.setitem(tuning.TUNING["cupy"], "elementwise_vectorized", True)
-    names = []
-    raw_kernel = _cuda.raw_kernel
-
-    def spy(xp_, name, dtype, source):
-        names.append(name)
-        return raw_kernel(xp_, name, dtype, source)
-    monkeypatch.setattr(_cuda, "raw_kernel", spy)
-    return names
+    return kernel_launches
 
 
 def grads_of(fn, arrays, xp, dout_seed=7):

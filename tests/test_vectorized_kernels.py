@@ -43,21 +43,14 @@ def test_vectorizable_needs_whole_vectors_and_alignment():
 
 
 @pytest.fixture
-def vectorized(monkeypatch, xp):
+def vectorized(monkeypatch, xp, kernel_launches):
     """Both switches on, kernel output buffers starting as NaN, and the names of the kernels launched."""
     monkeypatch.setitem(tuning.TUNING["cupy"], "layer_norm_vectorized", True)
     monkeypatch.setitem(tuning.TUNING["cupy"], "cross_entropy_vectorized", True)
     monkeypatch.delenv("NPGPT_CUDA_KERNELS", raising=False)
     monkeypatch.setattr(_cuda, "ENABLED", True)
     monkeypatch.setattr(_cuda, "empty", lambda xp_, shape, dtype: xp_.full(shape, np.nan, dtype))
-    launched = []
-    raw_kernel = _cuda.raw_kernel
-
-    def spy(xp_, name, dtype, source):
-        launched.append(name)
-        return raw_kernel(xp_, name, dtype, source)
-    monkeypatch.setattr(_cuda, "raw_kernel", spy)
-    return launched
+    return kernel_launches
 
 
 def close(got, ref, dtype, scale=1.0):
