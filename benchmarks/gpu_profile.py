@@ -46,7 +46,6 @@ def category(name):
 
 def profiled_time_steps(step, sync, memory, warmup, steps):
     """``bench_gpu.time_steps`` with the timed steps recorded by torch.profiler."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     for _ in range(warmup):
         step()
