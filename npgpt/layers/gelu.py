@@ -175,36 +175,35 @@ extern "C" __global__ void npgpt_gelu_bwd_vec(const T* x, const T* b, const T* d
 """ % _CONSTANTS)
 
 
+def _launch_vec(name, x, b, *inputs):
+    """The ``_vec`` kernel ``name`` over x (N, C), b (C,) or None and the further (N, C) ``inputs``
+    (the backward's dout), into a new (N, C) array of x's dtype: its arguments are (x, b or x,
+    *inputs, out, N C / VEC, C, has_b)."""
+    xp = get_array_module(x)
+    N, C = x.shape
+    out = _cuda.empty(xp, (N, C), x.dtype)
+    n_vec = N * C // _cuda.vector_width(x.dtype)
+    if n_vec:
+        _cuda.raw_kernel(xp, name, x.dtype, GELU_VEC_SOURCE)(
+            *_cuda.grid_stride(n_vec), (x, x if b is None else b, *inputs, out, np.int64(n_vec), _cuda.i32(C),
+                                        np.int32(b is not None)))
+    return out
+
+
 def gelu_forward_vec(x, b=None):
     """GELU(x + b) or GELU(x) with the ``_vec`` kernel: x (N, C), b (C,) or None -> y (N, C) of x's
     dtype (``_cuda.vectorized_applies`` must hold for them)."""
-    xp = get_array_module(x)
-    N, C = x.shape
-    y = _cuda.empty(xp, (N, C), x.dtype)
-    n_vec = N * C // _cuda.vector_width(x.dtype)
-    if n_vec:
-        _cuda.raw_kernel(xp, "npgpt_gelu_fwd_vec", x.dtype, GELU_VEC_SOURCE)(
-            *_cuda.grid_stride(n_vec), (x, x if b is None else b, y, np.int64(n_vec), _cuda.i32(C),
-                                        np.int32(b is not None)))
-    return y
+    return _launch_vec("npgpt_gelu_fwd_vec", x, b)
 
 
 def gelu_backward_vec(x, dout, b=None):
     """dout GELU'(x + b) (or of x) with the ``_vec`` kernel: x, dout (N, C), b (C,) or None -> dinp."""
-    xp = get_array_module(x)
-    N, C = x.shape
-    dinp = _cuda.empty(xp, (N, C), x.dtype)
-    n_vec = N * C // _cuda.vector_width(x.dtype)
-    if n_vec:
-        _cuda.raw_kernel(xp, "npgpt_gelu_bwd_vec", x.dtype, GELU_VEC_SOURCE)(
-            *_cuda.grid_stride(n_vec), (x, x if b is None else b, dout, dinp, np.int64(n_vec), _cuda.i32(C),
-                                        np.int32(b is not None)))
-    return dinp
+    return _launch_vec("npgpt_gelu_bwd_vec", x, b, dout)
 
 
 def _rows(x):
-    """x (...) as (N, C) with C its last axis (a view of a contiguous array)."""
-    return x.reshape(-1, x.shape[-1] if x.ndim else 1)
+    """x (..., C) as (N, C) (a view of a contiguous array)."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def gelu_forward_cuda(x):
