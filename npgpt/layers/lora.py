@@ -21,6 +21,7 @@ and adapter files are in ``npgpt/lora.py``.
 """
 from .. import backend
 from ..engine import Tensor
+from .linear import column_sums
 
 __all__ = ["lora_linear", "lora_linear_reference"]
 
@@ -58,7 +59,7 @@ def lora_linear(x, weight, bias, A, B, scale, dropout_p=0.0):
         if weight.requires_grad:
             weight._accumulate(X.T @ dY)                      # (Cin, Cout)
         if bias is not None and bias.requires_grad:
-            bias._accumulate(dY.sum(axis=0))                  # (Cout,)
+            bias._accumulate(column_sums(dY))                 # (Cout,) as linear's (L4)
         if B.requires_grad:
             B._accumulate(Hs.T @ dY)                          # (r, Cout)
         if not (A.requires_grad or x.requires_grad):
