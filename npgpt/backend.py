@@ -14,6 +14,7 @@ On import, host memory freed by NumPy arrays is kept in the process for the next
 """
 import contextlib
 import os
+import threading
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from .allocator import keep_freed_memory
 
 __all__ = [
     "use", "name", "xp", "get_xp", "get_array_module", "to_numpy", "to_device", "is_cupy_available",
-    "get_default_dtype", "set_default_dtype", "default_dtype", "seed", "rng", "scatter_add",
+    "get_default_dtype", "set_default_dtype", "default_dtype", "seed", "rng", "thread_rng", "scatter_add",
     "set_tf32", "tf32_enabled", "synchronize", "forbid_sync", "bmm", "capturing", "is_capturing", "BackendError",
 ]
 
@@ -39,6 +40,7 @@ xp = np               # the active array module; read it as `backend.xp`, never 
 name = "numpy"        # "numpy" or "cupy"
 _dtype = np.dtype(np.float32)
 _rng = None           # the active backend's random Generator, created by seed()/rng()
+_local = threading.local()   # .rng: this thread's own Generator inside ``thread_rng`` (else _rng)
 _tf32 = False         # float32 matrix products on TF32 tensor cores (CuPy only)
 _capturing = False    # inside ``capturing()``: bmm's GEMMs go through npgpt.cublas (recordable)
 
@@ -204,10 +206,26 @@ def seed(s):
 
 
 def rng():
-    """The active backend's random Generator (``numpy.random.Generator`` or CuPy's); seeded with 0 if unseeded."""
+    """The active backend's random Generator (``numpy.random.Generator`` or CuPy's); seeded with 0 if
+    unseeded. Inside ``thread_rng(g)``, this thread's ``g``."""
+    own = getattr(_local, "rng", None)
+    if own is not None:
+        return own
     if _rng is None:
         seed(0)
     return _rng
+
+
+@contextlib.contextmanager
+def thread_rng(generator):
+    """Inside, ``rng()`` called from this thread returns ``generator``: threads that draw at once
+    (dropout in ``npgpt/replicas.py``) each read their own stream, so the draws do not depend on
+    which thread runs first."""
+    old, _local.rng = getattr(_local, "rng", None), generator
+    try:
+        yield generator
+    finally:
+        _local.rng = old
 
 
 def scatter_add(a, indices, values):

@@ -14,12 +14,14 @@ there is none), at least 1.
 ``NPGPT_THREADS`` or ``--threads`` (any command; ``npgpt train --threads N`` is a knob) overrides it.
 The BLAS limit goes through ``threadpoolctl`` (OpenBLAS, MKL or BLIS, whichever NumPy loaded).
 """
+import contextlib
 import os
 import time
 
-__all__ = ["ThreadsError", "cores", "default_threads", "set_threads", "get_threads", "use_threads"]
+__all__ = ["ThreadsError", "cores", "default_threads", "set_threads", "get_threads", "use_threads", "blas_threads"]
 
 _current = None
+_blas = None          # threadpoolctl's controllers of the loaded BLAS libraries, found once
 
 
 class ThreadsError(ValueError):
@@ -110,6 +112,28 @@ def set_threads(n):
         threadpool_limits(n, user_api="blas")       # applied now, kept until changed
     _current = n
     return n
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Inside, BLAS products use ``n`` threads; the previous count afterwards. A ctypes call each way
+    (~1 us), so it may wrap every training step (``npgpt/replicas.py``: one thread per replica)."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas = []
+        else:
+            _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    old = [lib.num_threads for lib in _blas]
+    for lib in _blas:
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, k in zip(_blas, old):
+            lib.set_num_threads(k)
 
 
 def get_threads():

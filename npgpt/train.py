@@ -27,7 +27,7 @@ from .optim import get_lr
 from .loading import CKPT_NAME, load_model
 from .run_dir import TrainingDiverged, prepare_out_dir, remove_if_empty, sigterm_as_interrupt
 from .train_helpers import (BEST_NAME, RunLog, batch_source, check_split_lengths, data_parallel, estimate_loss,
-                            init_or_resume, load_data, save_run, train_step, use_backend)
+                            init_or_resume, load_data, save_run, thread_replicas, train_step, use_backend)
 
 __all__ = ["TrainConfig", "train", "load_model", "estimate_loss", "CKPT_NAME", "BEST_NAME", "TrainingDiverged"]
 
@@ -72,8 +72,11 @@ class TrainConfig:
     dtype: str = "float32"                # float32 | float16 (mixed precision: fp32 master weights,
                                           # dynamic loss scaling) | float64 (checks)
     tf32: bool = False                    # float32 matmuls on TF32 tensor cores (cuda only)
-    threads: int = 0                      # CPU threads for BLAS and elementwise work (0: the cores other
-                                          # processes leave free, or $NPGPT_THREADS; npgpt/threads.py)
+    threads: int = 0                      # CPU threads (0: the cores other processes leave free, or
+                                          # $NPGPT_THREADS; npgpt/threads.py)
+    thread_split: str = "batch"           # how CPU threads share a step: batch (each thread the forward and
+                                          # backward of its rows of the batch, npgpt/replicas.py) | ops (BLAS
+                                          # and the elementwise pool split each operation)
     vocab_multiple: int = 0               # pad the token table to a multiple of this (0: auto = 64 on cuda,
                                           # 1 = none on cpu); invisible in checkpoints (model.py)
     cuda_graphs: str = "auto"             # capture and replay the training step (cuda_graphs.py):
@@ -129,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"patience must be >= 0 evaluations without improvement (0 = off), got {self.patience}")
         if self.vocab_multiple < 0:
             raise ValueError(f"vocab_multiple must be >= 0 (0 = auto, 1 = no padding), got {self.vocab_multiple}")
+        if self.thread_split not in ("batch", "ops"):
+            raise ValueError(f"thread_split must be batch or ops, got {self.thread_split!r}")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.cuda_graphs == "on" and self.device != "cuda":
@@ -210,6 +215,10 @@ def _train(cfg, meta, splits, log, comm=None):
     # one process on the GPU with cuda_graphs on: the micro-batches replay a recorded CUDA graph (cuda_graphs.py)
     graphed_step = graphed_train_step(cfg.cuda_graphs, model, opt, next_batch, cfg.gradient_accumulation_steps) \
         if comm is None else None
+    # one process on 2+ CPU threads: each thread the forward and backward of its rows of the batch (replicas.py)
+    replicas = thread_replicas(cfg, model, opt, comm)
+    if replicas is not None:
+        log(f"the {replicas.n} threads each compute their block of a batch's rows (thread_split=batch)")
     losses, iter_num, stopped, lr = {}, start_iter, None, None
     saved_at = start_iter if cfg.init_from == "resume" else None     # the step ckpt.npz holds
 
@@ -230,7 +239,7 @@ def _train(cfg, meta, splits, log, comm=None):
             # best val loss (none at the step resumed from, which the checkpoint already holds and counted);
             # inf/nan losses or weights stop the run before anything is written
             if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or stopped:
-                losses = estimate_loss(model, splits, cfg, cfg.seed + 1) if comm is None else \
+                losses = estimate_loss(model, splits, cfg, cfg.seed + 1, replicas=replicas) if comm is None else \
                     estimate_loss(model, splits, cfg, cfg.seed + 1, comm)    # N ranks: 1/N of the batches each
                 run_log.evaluation(iter_num, losses)
                 if not all(math.isfinite(v) for v in losses.values()):
@@ -256,6 +265,7 @@ def _train(cfg, meta, splits, log, comm=None):
             # forward, backward and update, with gradient accumulation; the step clips to grad_clip
             # and skips (fp16) steps with inf/nan gradients
             loss = graphed_step() if graphed_step else \
+                replicas.train_step(next_batch, cfg.gradient_accumulation_steps) if replicas else \
                 train_step(opt, lambda: model(*next_batch())[1], cfg.gradient_accumulation_steps)
             loss = distributed.last_micro_batch_loss(comm, loss)     # N ranks: what one process would log
             iter_num += 1
@@ -280,6 +290,8 @@ def _train(cfg, meta, splits, log, comm=None):
         raise
     finally:
         run_log.close()
+        if replicas is not None:
+            replicas.close()
     if not math.isfinite(run_log.history[-1] if run_log.history else 0.0):
         log("warning: the loss is not finite; lower learning_rate")
     return {"iter": iter_num, "train_loss": losses.get("train"), "val_loss": losses.get("val"),

@@ -23,13 +23,15 @@ from .model import GPT, GPTConfig
 from .nn import LayerNorm
 from .optim import FlatAdamW, decay_groups
 from .loading import CKPT_NAME, load_model
+from .replicas import ThreadReplicas
 from .resume import check_vocab, resume_config, vocab_fingerprint
 from .run_dir import TrainingDiverged, all_finite
 from .run_log import RunLog
-from .threads import use_threads
+from .threads import get_threads, use_threads
 
 __all__ = ["CKPT_NAME", "BEST_NAME", "make_optimizer", "train_step", "use_backend", "load_data", "init_or_resume",
-           "init_from_weights", "batch_source", "estimate_loss", "save_run", "RunLog", "check_split_lengths"]
+           "init_from_weights", "batch_source", "estimate_loss", "save_run", "RunLog", "check_split_lengths",
+           "thread_replicas"]
 
 BEST_NAME = "best.npz"      # the checkpoint of the best validation loss so far
 RESUME_KEYS = ("optimizer", "iter_num", "batch_rng")   # what a checkpoint needs beyond weights to resume
@@ -58,6 +60,16 @@ def train_step(opt, micro_batch_loss, accumulation_steps=1):
     opt.step()
     opt.zero_grad()
     return loss
+
+
+def thread_replicas(cfg, model, opt, comm=None):
+    """``ThreadReplicas`` (``npgpt/replicas.py``: each CPU thread computes its block of a batch's
+    rows) for a run in one process on NumPy with ``thread_split="batch"``, 2 or more threads and
+    batches of 2 or more rows; else None (each op is split over the threads)."""
+    n = min(get_threads() or 1, cfg.batch_size)
+    if cfg.thread_split != "batch" or comm is not None or cfg.device != "cpu" or n < 2:
+        return None
+    return ThreadReplicas(model, opt, n)
 
 
 # ---- set-up: backend, data, model and optimizer -----------------------------------------------------
@@ -211,10 +223,11 @@ def batch_source(train_data, cfg, iter_num, batch_rng, log=print, comm=None):
 # ---- evaluation and checkpoints ---------------------------------------------------------------------
 
 @no_grad()
-def estimate_loss(model, splits, cfg, seed, comm=None):
+def estimate_loss(model, splits, cfg, seed, comm=None, replicas=None):
     """Mean loss over ``eval_iters`` batches of each split, from a generator seeded afresh (so every
     evaluation sees the same batches and training's random stream is untouched). With ``comm`` (N
-    ranks) rank r scores batches r, N + r, ... of the same stream and the sums are added over ranks."""
+    ranks) rank r scores batches r, N + r, ... of the same stream and the sums are added over ranks;
+    with ``replicas`` (``ThreadReplicas``) each batch's rows are cut over its threads."""
     model.eval()
     out = {}
     for name, data in splits.items():
@@ -223,7 +236,7 @@ def estimate_loss(model, splits, cfg, seed, comm=None):
         for i in range(cfg.eval_iters):
             batch = get_batch(data, cfg.batch_size, cfg.block_size, rng)
             if comm is None or i % comm.size == comm.rank:
-                total = total + model(*batch)[1].data
+                total = total + (replicas.loss(*batch) if replicas else model(*batch)[1].data)
         out[name] = (float(total) if comm is None else distributed.sum_over_ranks(comm, total)) / cfg.eval_iters
     model.train()
     return out

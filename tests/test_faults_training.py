@@ -66,6 +66,7 @@ def test_a_huge_learning_rate_stops_the_run_and_keeps_the_good_checkpoints(tmp_p
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_a_nan_loss_stops_before_the_next_save(tmp_path, monkeypatch):
+    """(thread_split=ops: the poisoned step is train_step, which replicas.py's threads do not call)"""
     cfg = good_run(tmp_path)
     before = file_bytes(os.path.join(cfg.out_dir, "ckpt.npz"))
     import npgpt.train as train_module
@@ -77,7 +78,7 @@ def test_a_nan_loss_stops_before_the_next_save(tmp_path, monkeypatch):
         return loss
     monkeypatch.setattr(train_module, "train_step", poisoned)
     with pytest.raises(TrainingDiverged, match="not finite|nan"):
-        train(tiny_cfg(tmp_path, init_from="resume", max_iters=20, log_interval=100), **QUIET)
+        train(tiny_cfg(tmp_path, init_from="resume", max_iters=20, log_interval=100, thread_split="ops"), **QUIET)
     assert file_bytes(os.path.join(cfg.out_dir, "ckpt.npz")) == before
 
 

@@ -37,10 +37,12 @@ def tiny_cfg(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_exact_resume(tmp_path, dropout):
-    straight = train(tiny_cfg(tmp_path / "a", dropout=dropout), log=lambda *_: None)
-    first = train(tiny_cfg(tmp_path / "b", dropout=dropout, max_iters=10), log=lambda *_: None)
-    second = train(tiny_cfg(tmp_path / "b", dropout=dropout, init_from="resume"), log=lambda *_: None)
+@pytest.mark.parametrize("split", ["batch", "ops"])      # 2 threads: replicas.py's threads, or each op split
+def test_exact_resume(tmp_path, dropout, split):
+    kw = dict(dropout=dropout, threads=2, thread_split=split)
+    straight = train(tiny_cfg(tmp_path / "a", **kw), log=lambda *_: None)
+    first = train(tiny_cfg(tmp_path / "b", max_iters=10, **kw), log=lambda *_: None)
+    second = train(tiny_cfg(tmp_path / "b", init_from="resume", **kw), log=lambda *_: None)
     assert len(straight["losses"]) == 20
     assert first["losses"] + second["losses"] == straight["losses"]  # bit-identical
     assert straight["val_loss"] == second["val_loss"]

@@ -146,7 +146,7 @@ def scripted_losses(monkeypatch, vals):
     """Make evaluation return the validation losses ``vals`` in turn (train loss = val loss)."""
     it = iter(vals)
 
-    def fake(model, splits, cfg, seed):
+    def fake(model, splits, cfg, seed, **kwargs):
         v = next(it)
         return {"train": v, "val": v}
     monkeypatch.setattr(train_module, "estimate_loss", fake)

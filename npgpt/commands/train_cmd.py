@@ -54,6 +54,7 @@ KNOBS = {
     "dtype": ("system", "float32 | float16 (mixed precision, fp32 master weights) | float64"),
     "tf32": ("system", "float32 matmuls on TF32 tensor cores (cuda)"),
     "threads": ("system", "CPU threads (0 = the cores other processes leave free, or $NPGPT_THREADS)"),
+    "thread_split": ("system", "how CPU threads share a step: batch (each thread its rows of the batch) | ops"),
     "vocab_multiple": ("system", "pad the token table to a multiple of this (0 = auto: 64 on cuda, none on cpu)"),
     "cuda_graphs": ("system", "capture and replay the training step: auto (on with CuPy) | on | off"),
     "progress": ("system", "a progress bar (false: a log line every log_interval)"),

@@ -4,18 +4,34 @@ NumPy ufuncs release the GIL, so a large array cut into one block of rows per th
 blocks concurrently. Every element or row is computed by the same code as in one call, so results
 are bit-identical with and without threads. The pool size and the size below which threads do not
 pay are tuning constants (``layers/tuning.py``); CuPy arrays always run in one call.
+
+Inside ``serial()`` a thread runs its kernels itself, in one call: the threads of ``npgpt/replicas.py``
+each compute their own block of the batch, so the cores are already shared out.
 """
+import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .tuning import tuned
 
-__all__ = ["run_chunked"]
+__all__ = ["run_chunked", "serial"]
 
 _POOL = None
 _CPUS = os.cpu_count() or 1   # read once
+_local = threading.local()    # .serial: this thread runs its kernels in one call
+
+
+@contextlib.contextmanager
+def serial():
+    """Inside, ``run_chunked`` in this thread calls its kernel once, on the whole arrays."""
+    old, _local.serial = getattr(_local, "serial", False), True
+    try:
+        yield
+    finally:
+        _local.serial = old
 
 
 def run_chunked(kernel, *arrays):
@@ -25,7 +41,8 @@ def run_chunked(kernel, *arrays):
     thread; the blocks run concurrently."""
     global _POOL
     first = arrays[0]
-    if not isinstance(first, np.ndarray) or first.size < tuned(np, "threads_min_elements"):
+    if (not isinstance(first, np.ndarray) or first.size < tuned(np, "threads_min_elements")
+            or getattr(_local, "serial", False)):
         kernel(*arrays)
         return
     n_threads = min(tuned(np, "threads"), _CPUS)
