@@ -2,6 +2,7 @@
 knobs, same thread count, side by side in one run, with a per-phase breakdown of each.
 
     python benchmarks/bench_run.py [--iters 600] [--threads 2] [--repeats 1] [--eval_interval 200]
+                                   [--thread_split batch|ops]
 
 Both loops: the prepared character-level Shakespeare (``npgpt prepare``'s default, in a temporary
 directory), batches drawn from the memory-mapped split every step, warmup + cosine learning rate,
@@ -14,7 +15,10 @@ time is the process's own (imports, model, data, loop), as a user sees it. The p
 each phase in a ``perf_counter`` pair (NumPy and PyTorch on the CPU are synchronous, so the pairs
 measure the work): batch, forward, backward, clip, optimizer (the rest of the step and zeroing the
 gradients), eval, logging (loss read, log record and progress bar), other (the loop's own overhead).
-The npgpt run is ``npgpt.train.train`` itself, with the phases timed by wrapping its pieces.
+The npgpt run is ``npgpt.train.train`` itself, with the phases timed by wrapping its pieces. With
+``thread_split=batch`` (its default: each thread the forward and backward of its rows, ``npgpt/replicas.py``)
+the two passes run inside the threads and are timed together as "forward+backward"; the gradients' sum
+over the threads counts as optimizer.
 """
 import argparse
 import contextlib
@@ -30,7 +34,7 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)                # run from a checkout without installing
 
-PHASES = ("batch", "forward", "backward", "clip", "optimizer", "eval", "logging", "other")
+PHASES = ("batch", "forward", "backward", "forward+backward", "clip", "optimizer", "eval", "logging", "other")
 KNOBS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, bias=False, dropout=0.0,
              learning_rate=1e-3, warmup_iters=100, min_lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.1,
              grad_clip=1.0, eval_iters=20, log_interval=10)
@@ -71,24 +75,30 @@ class Phases:
         setattr(owner, attr, timed)
 
 
-def run_npgpt(data_dir, iters, eval_interval, phases, threads):
+def run_npgpt(data_dir, iters, eval_interval, phases, threads, thread_split):
     """``npgpt.train.train`` with its pieces wrapped in phase timers; returns the final val loss."""
     import npgpt.train as train_module
     from npgpt import train_helpers
     from npgpt.model import GPT
     from npgpt.optim import mixed_precision
     from npgpt.optim.mixed_precision import FlatAdamW
+    from npgpt.replicas import ThreadReplicas
     out = tempfile.mkdtemp(prefix="bench-run-npgpt-")
     phases.wrap(train_helpers, "get_batch", "batch")
-    phases.wrap(GPT, "forward", "forward")
-    phases.wrap(FlatAdamW, "backward", "backward")
+    if thread_split == "batch":          # both passes inside the threads: one phase, timed from the main thread
+        phases.wrap(ThreadReplicas, "forward_backward", "forward+backward")
+        phases.wrap(ThreadReplicas, "reduce", "optimizer")
+    else:
+        phases.wrap(GPT, "forward", "forward")
+        phases.wrap(FlatAdamW, "backward", "backward")
     phases.wrap(mixed_precision, "global_grad_norm", "clip")
     phases.wrap(FlatAdamW, "step", "optimizer")           # minus clip below (clip runs inside the step)
     phases.wrap(FlatAdamW, "zero_grad", "optimizer")
     phases.wrap(train_module, "estimate_loss", "eval")
     phases.wrap(train_module.RunLog, "step", "logging")
     cfg = train_module.TrainConfig(data=data_dir, out_dir=out, max_iters=iters, lr_decay_iters=iters,
-                                   eval_interval=eval_interval, progress=True, threads=threads, **KNOBS)
+                                   eval_interval=eval_interval, progress=True, threads=threads,
+                                   thread_split=thread_split, **KNOBS)
     with phases("loop"):
         result = train_module.train(cfg, log=lambda *a: None)
     return result["val_loss"]
@@ -170,15 +180,16 @@ def run_torch(data_dir, iters, eval_interval, phases, threads):
     return losses["val"]
 
 
-def child(framework, data_dir, iters, eval_interval, threads):
+def child(framework, data_dir, iters, eval_interval, threads, thread_split):
     t0 = time.perf_counter()
     phases = Phases()
     if framework == "npgpt":
-        val = run_npgpt(data_dir, iters, eval_interval, phases, threads)
+        val = run_npgpt(data_dir, iters, eval_interval, phases, threads, thread_split)
     else:
         val = run_torch(data_dir, iters, eval_interval, phases, threads)
     s = phases.seconds
     s["other"] = s.pop("loop") - sum(s[p] for p in PHASES if p != "other")
+    s["forward+backward"] += s["forward"] + s["backward"]          # the sum, for either way of timing
     return {"val": val, "phases": {p: s[p] for p in PHASES}, "in_process": time.perf_counter() - t0}
 
 
@@ -188,10 +199,13 @@ def main():
     ap.add_argument("--eval_interval", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each framework, alternating; medians")
+    ap.add_argument("--thread_split", choices=["batch", "ops"], default="batch",
+                    help="npgpt train's thread_split: batch (its default) or ops")
     ap.add_argument("--child", nargs=2, metavar=("FRAMEWORK", "DATA"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.iters, args.eval_interval, args.threads)))
+        print(json.dumps(child(args.child[0], args.child[1], args.iters, args.eval_interval, args.threads,
+                               args.thread_split)))
         return
     try:
         import torch  # noqa: F401
@@ -203,14 +217,16 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     print(f"{args.iters} iterations, eval every {args.eval_interval} ({KNOBS['eval_iters']} batches a split), "
-          f"{args.threads} threads, load average before: {os.getloadavg()[0]:.2f}")
+          f"{args.threads} threads (npgpt thread_split={args.thread_split}), "
+          f"load average before: {os.getloadavg()[0]:.2f}")
     runs = defaultdict(list)
     for _ in range(args.repeats):
         for fw in ("npgpt", "torch"):
             t = time.perf_counter()
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", fw, data_dir,
                                   "--iters", str(args.iters), "--eval_interval", str(args.eval_interval),
-                                  "--threads", str(args.threads)], env=env, capture_output=True, text=True)
+                                  "--threads", str(args.threads), "--thread_split", args.thread_split],
+                                 env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t
             if out.returncode:
                 print(out.stderr)

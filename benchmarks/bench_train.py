@@ -2,8 +2,12 @@
 same thread count, side by side in one run.
 
     python benchmarks/bench_train.py [--configs baby small] [--steps 20] [--threads 2] [--repeats 3]
+                                     [--thread_split batch|ops]
 
 Prints the median step time (forward + backward + clip + AdamW) of each and the ratio npgpt/torch.
+npgpt steps as ``npgpt train`` does: on 2+ threads with ``--thread_split batch`` (the default) each
+thread computes the forward and backward of its rows of the batch (``npgpt/replicas.py``); with
+``ops`` every operation is split over the threads (BLAS and the elementwise pool), as PyTorch does.
 Peak memory is the growth of the process's max RSS after importing the framework, in a fresh
 subprocess per framework (model, optimizer state, activations, gradients).
 """
@@ -22,7 +26,7 @@ CONFIGS = {
 }
 
 
-def run_one(framework, name, steps, threads, device="cpu"):
+def run_one(framework, name, steps, threads, device="cpu", thread_split="batch"):
     """Time `steps` training steps in this process; returns a dict of results."""
     import resource
     import numpy as np
@@ -45,12 +49,19 @@ def run_one(framework, name, steps, threads, device="cpu"):
         model = npgpt.GPT(npgpt.GPTConfig(**c))
         # the optimizer npgpt train uses: flat AdamW, global-norm clipping inside the step
         opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), flat=True, max_grad_norm=1.0)
+        replicas = None
+        if thread_split == "batch" and threads > 1 and device == "cpu":
+            from npgpt.replicas import ThreadReplicas
+            replicas = ThreadReplicas(model, opt, min(threads, B))
         for _ in range(steps + 3):
             t = time.perf_counter()
-            _, loss = model(x, y)
-            opt.backward(loss)
-            opt.step()
-            opt.zero_grad()
+            if replicas is not None:
+                loss = replicas.train_step(lambda: (x, y))
+            else:
+                _, loss = model(x, y)
+                opt.backward(loss)
+                opt.step()
+                opt.zero_grad()
             loss.item()
             times.append(time.perf_counter() - t)
     else:
@@ -88,10 +99,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=1, help="fresh processes per framework, alternating")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: npgpt on CuPy vs PyTorch on the GPU")
+    ap.add_argument("--thread_split", choices=["batch", "ops"], default="batch",
+                    help="npgpt: each thread its rows of the batch (npgpt train's default) or each op split")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child[0], args.child[1], args.steps, args.threads, args.device)))
+        print(json.dumps(run_one(args.child[0], args.child[1], args.steps, args.threads, args.device,
+                                 args.thread_split)))
         return
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
@@ -101,14 +115,16 @@ def main():
     except ImportError:
         frameworks = ["npgpt"]
         print("(torch not installed: npgpt only)")
-    print(f"device {args.device}, {args.threads} CPU threads, float32, {args.steps} timed steps")
+    print(f"device {args.device}, {args.threads} CPU threads (npgpt thread_split={args.thread_split}), float32, "
+          f"{args.steps} timed steps")
     print(f"{'config':8s} {'framework':9s} {'step ms (median)':>17s} {'peak MB':>9s}")
     for name in args.configs:
         res = {fw: [] for fw in frameworks}
         for _ in range(args.repeats):                 # alternating fresh processes
             for fw in frameworks:
                 out = subprocess.run([sys.executable, __file__, "--child", fw, name, "--steps", str(args.steps),
-                                      "--threads", str(args.threads), "--device", args.device], env=env,
+                                      "--threads", str(args.threads), "--device", args.device,
+                                      "--thread_split", args.thread_split], env=env,
                                      capture_output=True, text=True)
                 if out.returncode:
                     print(out.stderr)

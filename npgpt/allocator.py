@@ -13,7 +13,11 @@ step (a quarter of the step), against ~30 faults for PyTorch, whose CPU allocato
 What. ``mallopt(M_MMAP_THRESHOLD, 1 GiB)`` serves arrays up to 1 GiB from the heap, and
 ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)`` keeps freed heap memory in the process, so the next step
 reuses the same pages. The cost: the process keeps the memory of its largest step until it exits
-(its peak, which it reached anyway). Only glibc (Linux) has these knobs; elsewhere nothing changes.
+(its peak, which it reached anyway). ``mallopt(M_ARENA_MAX, 1)``: every thread allocates from that one
+heap, so memory one thread frees is reused by the others (``replicas.py`` runs a step on several
+threads; with glibc's default arena per thread each kept its own freed memory, and the small-config
+step's peak varied from 710 to 1,062 MB between identical runs, against 849 MB every time with one
+arena: benchmarks/RESULTS.md). Only glibc (Linux) has these knobs; elsewhere nothing changes.
 ``NPGPT_KEEP_MEMORY=0`` turns it off.
 """
 import ctypes
@@ -23,6 +27,7 @@ __all__ = ["keep_freed_memory", "kept"]
 
 M_TRIM_THRESHOLD = -1        # glibc's <malloc.h> parameter numbers
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1 << 30     # arrays up to 1 GiB come from the heap
 TRIM_THRESHOLD = (1 << 31) - 1   # the largest int: freed heap memory stays in the process
 
@@ -30,7 +35,7 @@ _kept = None
 
 
 def keep_freed_memory():
-    """Apply the two ``mallopt`` settings once (glibc only; ``NPGPT_KEEP_MEMORY=0``: never); returns
+    """Apply the three ``mallopt`` settings once (glibc only; ``NPGPT_KEEP_MEMORY=0``: never); returns
     whether they are in effect."""
     global _kept
     if _kept is not None:
@@ -43,7 +48,8 @@ def keep_freed_memory():
     except (OSError, AttributeError):
         return _kept
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) \
+        and bool(mallopt(M_ARENA_MAX, 1))
     return _kept
 
 
