@@ -213,7 +213,7 @@ class Tensor:
                 self._grad_owned = True
             else:
                 self.grad = g
-                self._grad_owned = False
+                self._grad_owned = owned   # a fresh array nobody else holds: later ones add into it
         elif self._grad_owned:
             self.grad += g
         else:

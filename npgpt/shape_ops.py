@@ -59,12 +59,15 @@ def getitem(x, idx):
     advanced = _is_advanced(idx)
 
     def backward(dout):
+        if not advanced and x.grad is not None and x._grad_owned:
+            x.grad[idx] += dout            # basic indexing: a view of the gradient already there (q, k, v of one qkv)
+            return
         g = xp.zeros(x.shape, dtype=x.dtype)
         if advanced:
             backend.scatter_add(g, idx, dout)
         else:
             g[idx] = dout
-        x._accumulate(g)
+        x._accumulate(g, owned=True)
     return Tensor.from_op(x.data[idx], (x,), backward, "getitem")
 
 
