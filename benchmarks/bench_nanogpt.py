@@ -16,7 +16,10 @@ command in a scratch directory holding a copy of nanoGPT's ``train.py``, ``model
 vocabulary size), then ``npgpt train`` with the same knobs on the same files. Each is a fresh process
 with ``OMP/OPENBLAS/MKL_NUM_THREADS`` (and npgpt's ``--threads``) set; both print a line per step.
 Reported: process wall time, iteration time from the logs, and the validation loss at step 2000
-(each estimated on 20 random batches, so about +-0.01 of noise).
+(each estimated on 20 random batches, so about +-0.01 of noise). Then both final models are scored on
+the same ``--eval_batches`` (500) fixed validation batches, nanoGPT's with its own ``model.py`` and
+PyTorch (it is run with ``--always_save_checkpoint=True`` so that its ``ckpt.pt`` holds step 2000),
+npgpt's with ``npgpt.loading.load_model``: a comparison of the two models without the sampling noise.
 """
 import argparse
 import json
@@ -73,12 +76,46 @@ def run(cmd, cwd, env):
             "iter_ms": iter_ms[len(iter_ms) // 2] if iter_ms else float("nan")}
 
 
+def fixed_batches(data_dir, n, B=12, T=64, seed=0):
+    """n (x, y) validation batches of B windows of T tokens, the same for both frameworks."""
+    import numpy as np
+    data = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16).astype(np.int64)
+    starts = np.random.default_rng(seed).integers(0, len(data) - T - 1, (n, B))
+    for row in starts:
+        idx = row[:, None] + np.arange(T)
+        yield data[idx], data[idx + 1]
+
+
+def score_npgpt(out_dir, batches):
+    from npgpt.engine import no_grad
+    from npgpt.loading import load_model
+    model, _ = load_model(out_dir)
+    with no_grad():
+        losses = [float(model(x, y)[1].item()) for x, y in batches]
+    return sum(losses) / len(losses)
+
+
+def score_nanogpt(work, out_dir, batches):
+    import torch
+    sys.path.insert(0, work)
+    from model import GPT, GPTConfig                       # nanoGPT's own model.py
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu")
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(torch.from_numpy(x), torch.from_numpy(y))[1]) for x, y in batches]
+    return sum(losses) / len(losses), ckpt["iter_num"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nanogpt", required=True, help="a nanoGPT checkout (train.py, model.py, configurator.py, config/)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
     ap.add_argument("--only", choices=["npgpt", "nanogpt"], help="run one side only")
+    ap.add_argument("--eval_batches", type=int, default=500,
+                    help="fixed validation batches both final models are scored on (0: skip)")
     args = ap.parse_args()
     from npgpt.data import ensure_prepared
     data_dir = os.path.join(tempfile.mkdtemp(prefix="bench-nanogpt-data-"), "shakespeare_char")
@@ -89,7 +126,7 @@ def main():
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     commands = {
         "nanogpt": [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-                    *KNOBS, f"--out_dir={os.path.join(work, 'out-nanogpt')}"],
+                    *KNOBS, f"--out_dir={os.path.join(work, 'out-nanogpt')}", "--always_save_checkpoint=True"],
         "npgpt": [sys.executable, "-m", "npgpt.cli", "train", f"--data={data_dir}", "--progress=false",
                   f"--out_dir={os.path.join(work, 'out-npgpt')}", "--overwrite", *KNOBS, *CONFIG]}
     print(f"{args.threads} threads, load average before: {os.getloadavg()[0]:.2f}")
@@ -105,6 +142,12 @@ def main():
     if all(results.values()):
         a, b = (min(r["wall"] for r in results[k]) for k in ("npgpt", "nanogpt"))
         print(f"best wall npgpt/nanoGPT: {a / b:.2f}x (load average after: {os.getloadavg()[0]:.2f})")
+    if all(results.values()) and args.eval_batches:
+        batches = list(fixed_batches(data_dir, args.eval_batches))
+        ours = score_npgpt(os.path.join(work, "out-npgpt"), batches)
+        theirs, step = score_nanogpt(work, os.path.join(work, "out-nanogpt"), batches)
+        print(f"val loss of the final models on the same {args.eval_batches} fixed batches: npgpt {ours:.4f}, "
+              f"nanoGPT {theirs:.4f} (its checkpoint of step {step})")
     shutil.rmtree(work, ignore_errors=True)
 
 

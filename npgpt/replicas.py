@@ -30,7 +30,7 @@ a Generator of that seed (``backend.thread_rng``), so the masks do not depend on
 Shapes: idx and targets (B, T) integer arrays; blocks of rows [lo, hi), as equal as possible.
 """
 import copy
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -107,7 +107,10 @@ class ThreadReplicas:
             futures = [self._pool.submit(self._in_thread, job, self.replicas[b], idx[lo:hi], targets[lo:hi],
                                          *extra[b]) for b, (lo, hi) in enumerate(blocks) if b]
             lo, hi = blocks[0]
-            first = self._in_thread(job, self.replicas[0], idx[lo:hi], targets[lo:hi], *extra[0])
+            try:
+                first = self._in_thread(job, self.replicas[0], idx[lo:hi], targets[lo:hi], *extra[0])
+            finally:
+                wait(futures)            # no thread still computing once this returns or raises
             return [first] + [f.result() for f in futures]
 
     @staticmethod

@@ -184,3 +184,12 @@ def test_a_run_with_replicas_matches_one_without(tmp_path):
     assert said("batch") and not said("ops")
     np.testing.assert_allclose(runs["batch"]["losses"], runs["ops"]["losses"], rtol=1e-9)
     np.testing.assert_allclose(runs["batch"]["val_loss"], runs["ops"]["val_loss"], rtol=1e-9)
+
+
+def test_an_error_in_a_worker_thread_reaches_the_caller(f64):
+    _, _, b, opt_b = pair()
+    x, y = batch(B=4)
+    y[3, 0] = V + 5                                             # out of range, in the second thread's block
+    with ThreadReplicas(b, opt_b, 2) as rep:
+        with pytest.raises(ValueError, match="targets must lie in"):
+            rep.forward_backward(x, y)
