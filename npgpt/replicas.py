@@ -45,7 +45,7 @@ IGNORE_INDEX = -100          # F.cross_entropy's default: such targets are not c
 
 
 def row_blocks(B, n):
-    """[lo, hi) of n blocks of B rows, as equal as possible (the first B % n hold one more); fewer
+    """[lo, hi) of n blocks of B rows whose sizes differ by at most one; fewer
     blocks when B < n."""
     n = max(1, min(n, B))
     cuts = [B * i // n for i in range(n + 1)]

@@ -210,16 +210,16 @@ def _train(cfg, meta, splits, log, comm=None):
         check_split_lengths(splits, cfg)
     if comm is not None:                 # N ranks: the gradient summed in buckets, ZeRO-1 unless zero=false
         opt = data_parallel(opt, cfg, comm, start_iter, log)
+    # one process on 2+ CPU threads: each thread the forward and backward of its rows of the batch (replicas.py)
+    replicas = thread_replicas(cfg, model, opt, comm)
+    if replicas is not None:
+        log(f"the {replicas.n} threads each compute their block of a batch's rows (thread_split=batch)")
     ranks = comm.size if comm is not None else 1
     run_log = RunLog(cfg, start_iter, log, model, world_size=ranks, quiet=not distributed.is_rank0(comm))
     next_batch = batch_source(splits["train"], cfg, start_iter, batch_rng, log, comm)
     # one process on the GPU with cuda_graphs on: the micro-batches replay a recorded CUDA graph (cuda_graphs.py)
     graphed_step = graphed_train_step(cfg.cuda_graphs, model, opt, next_batch, cfg.gradient_accumulation_steps) \
         if comm is None else None
-    # one process on 2+ CPU threads: each thread the forward and backward of its rows of the batch (replicas.py)
-    replicas = thread_replicas(cfg, model, opt, comm)
-    if replicas is not None:
-        log(f"the {replicas.n} threads each compute their block of a batch's rows (thread_split=batch)")
     losses, iter_num, stopped, lr = {}, start_iter, None, None
     saved_at = start_iter if cfg.init_from == "resume" else None     # the step ckpt.npz holds
 
