@@ -139,7 +139,7 @@ class ThreadReplicas:
         seeds = backend.rng().integers(0, 2 ** 63, size=len(weights)) if dropout else [None] * len(weights)
         losses = self._run(self._block_step, idx, targets, [(w * scale, s) for w, s in zip(weights, seeds)])
         self._pending = True
-        return Tensor(sum(w * l for w, l in zip(weights, losses)).astype(losses[0].dtype))
+        return Tensor(_weighted_mean(weights, losses))
 
     def _block_step(self, replica, idx, targets, weight, seed):
         gen = np.random.default_rng(seed) if seed is not None else None
@@ -175,6 +175,10 @@ class ThreadReplicas:
         weights = self._weights(targets)
         with no_grad():
             losses = self._run(lambda replica, x, t: replica(x, t)[1].data, idx, targets, [()] * len(weights))
-        if not any(weights):
-            return losses[0] * 0
-        return sum(w * l for w, l in zip(weights, losses)).astype(losses[0].dtype)
+        return _weighted_mean(weights, losses)
+
+
+def _weighted_mean(weights, losses):
+    """(R1): sum_b (N_b / N) L_b, a 0-d array of the block losses' dtype (0 when no target counts:
+    every block loss is then 0)."""
+    return sum(w * l for w, l in zip(weights, losses)).astype(losses[0].dtype)

@@ -21,7 +21,7 @@ import time
 __all__ = ["ThreadsError", "cores", "default_threads", "set_threads", "get_threads", "use_threads", "blas_threads"]
 
 _current = None
-_blas = None          # threadpoolctl's controllers of the loaded BLAS libraries, found once
+_blas = None          # threadpoolctl's controllers of the loaded BLAS libraries (_blas_libraries)
 
 
 class ThreadsError(ValueError):
@@ -104,35 +104,39 @@ def set_threads(n):
     n = _check(n, "threads")
     from .layers.tuning import TUNING
     TUNING["numpy"]["threads"] = n
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:                              # the pool still follows n; BLAS keeps its own
-        pass
-    else:
-        threadpool_limits(n, user_api="blas")       # applied now, kept until changed
+    for lib in _blas_libraries(rescan=True):         # applied now, kept until changed
+        lib.set_num_threads(n)
     _current = n
     return n
 
 
-@contextlib.contextmanager
-def blas_threads(n):
-    """Inside, BLAS products use ``n`` threads; the previous count afterwards. A ctypes call each way
-    (~1 us), so it may wrap every training step (``npgpt/replicas.py``: one thread per replica)."""
+def _blas_libraries(rescan=False):
+    """threadpoolctl's controllers of the BLAS libraries loaded now (found again with ``rescan``, else
+    the list found last); none without threadpoolctl, and then the pool still follows the thread
+    count while BLAS keeps its own."""
     global _blas
-    if _blas is None:
+    if _blas is None or rescan:
         try:
             from threadpoolctl import ThreadpoolController
         except ImportError:
             _blas = []
         else:
             _blas = ThreadpoolController().select(user_api="blas").lib_controllers
-    old = [lib.num_threads for lib in _blas]
-    for lib in _blas:
+    return _blas
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """Inside, BLAS products use ``n`` threads; the previous count afterwards. A ctypes call each way
+    (~1 us), so it may wrap every training step (``npgpt/replicas.py``: one thread per replica)."""
+    libs = _blas_libraries()
+    old = [lib.num_threads for lib in libs]
+    for lib in libs:
         lib.set_num_threads(n)
     try:
         yield
     finally:
-        for lib, k in zip(_blas, old):
+        for lib, k in zip(libs, old):
             lib.set_num_threads(k)
 
 
