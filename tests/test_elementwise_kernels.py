@@ -45,25 +45,27 @@ def reference(fn, arrays):
         return grads_of(fn, [a.astype(np.float64) for a in arrays], np)
 
 
-@pytest.mark.cupy
-@pytest.mark.parametrize("N, C", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gelu(cp, launched, dtype, N, C):
+def gelu_case(N, C, dtype):
+    """GELU(x), x (N, C): (op, its float64 reference op, inputs)."""
     x = (np.random.default_rng(N * C).normal(size=(N, C)) * 3).astype(dtype)
-    got, names = grads_of(F.gelu, [x], cp), list(launched)   # before the reference (float64, maybe on the GPU)
-    close(got, reference(F.gelu, [x]), dtype)
-    applies = C % _cuda.vector_width(dtype) == 0
-    assert ("npgpt_gelu_fwd_vec" in names) == applies and ("npgpt_gelu_bwd_vec" in names) == applies
+    return F.gelu, F.gelu, [x]
 
 
-@pytest.mark.cupy
-@pytest.mark.parametrize("N, C", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_bias_gelu(cp, launched, dtype, N, C):
+def bias_gelu_case(N, C, dtype):
+    """GELU(h + b), h (N, C), b (C,): (op, its float64 reference op, inputs)."""
     rng = np.random.default_rng(C)
     h, b = (rng.normal(size=(N, C)) * 3).astype(dtype), rng.normal(size=C).astype(dtype)
-    got, names = grads_of(bias_gelu, [h, b], cp), list(launched)
-    close(got, reference(bias_gelu_reference, [h, b]), dtype)
+    return bias_gelu, bias_gelu_reference, [h, b]
+
+
+@pytest.mark.cupy
+@pytest.mark.parametrize("case", [gelu_case, bias_gelu_case], ids=["gelu", "bias_gelu"])
+@pytest.mark.parametrize("N, C", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_kernels(cp, launched, case, dtype, N, C):
+    fn, ref, arrays = case(N, C, dtype)
+    got, names = grads_of(fn, arrays, cp), list(launched)    # before the reference (float64, maybe on the GPU)
+    close(got, reference(ref, arrays), dtype)
     applies = C % _cuda.vector_width(dtype) == 0
     assert ("npgpt_gelu_fwd_vec" in names) == applies and ("npgpt_gelu_bwd_vec" in names) == applies
 
