@@ -29,9 +29,12 @@ def make_char_data(d, text=TEXT):
 
 
 def tiny_cfg(tmp_path, **kw):
+    """A tiny run. threads=2 pinned: the default counts the cores busy at start (in a test process, BLAS
+    threads still spinning from the previous run), and 1 or 2 threads sum the gradient in a different
+    order (replicas.py), so runs compared loss for loss must not leave it to the machine."""
     base = dict(data=make_char_data(str(tmp_path / "data")), out_dir=str(tmp_path / "out"), n_layer=2, n_head=2,
                 n_embd=16, block_size=16, batch_size=4, max_iters=20, lr_decay_iters=20, warmup_iters=4,
-                eval_interval=5, eval_iters=2, log_interval=5, progress=False, learning_rate=3e-3)
+                eval_interval=5, eval_iters=2, log_interval=5, progress=False, learning_rate=3e-3, threads=2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -39,7 +42,7 @@ def tiny_cfg(tmp_path, **kw):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("split", ["batch", "ops"])      # 2 threads: replicas.py's threads, or each op split
 def test_exact_resume(tmp_path, dropout, split):
-    kw = dict(dropout=dropout, threads=2, thread_split=split)
+    kw = dict(dropout=dropout, thread_split=split)
     straight = train(tiny_cfg(tmp_path / "a", **kw), log=lambda *_: None)
     first = train(tiny_cfg(tmp_path / "b", max_iters=10, **kw), log=lambda *_: None)
     second = train(tiny_cfg(tmp_path / "b", init_from="resume", **kw), log=lambda *_: None)
