@@ -53,18 +53,19 @@ def busy_cores(window=0.1):
     """(cores kept busy by other processes, how it was measured), or (None, why not).
 
     On Linux: the share of non-idle time of this process's CPUs in ``/proc/stat`` over ``window``
-    seconds, while this process sleeps (so all of it is the others'), times their number. This is what
-    is busy now; the 1-minute load average, used where there is no ``/proc/stat``, lags by a minute
-    (a benchmark that just ended still counts) and is the fallback."""
+    seconds, times their number, less what this process itself used meanwhile (it sleeps, but its
+    BLAS workers spin for ~0.1 s after a product: a second run in one process must not count them).
+    This is what is busy now; the 1-minute load average, used where there is no ``/proc/stat``, lags
+    by a minute (a benchmark that just ended still counts) and is the fallback."""
     try:
         ids = sorted(os.sched_getaffinity(0))
-        before = _cpu_times(ids)
+        before, own, t = _cpu_times(ids), time.process_time(), time.perf_counter()
         time.sleep(window)
-        after = _cpu_times(ids)
+        after, own, t = _cpu_times(ids), time.process_time() - own, time.perf_counter() - t
         total = sum(a - b for a, b in zip(after[0], before[0]))
         idle = sum(a - b for a, b in zip(after[1], before[1]))
         if total > 0:
-            return len(ids) * (1.0 - idle / total), "now"
+            return max(0.0, len(ids) * (1.0 - idle / total) - own / t), "now"
     except (AttributeError, OSError, ValueError, IndexError):
         pass
     try:

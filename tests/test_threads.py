@@ -3,6 +3,7 @@ BLAS library and the elementwise pool both follow it."""
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -42,6 +43,26 @@ def test_busy_cores_sees_a_spinning_process():
         spinner.kill()
         spinner.wait()
     assert busy >= idle + 0.6
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or threads.cores() < 2, reason="Linux, 2 or more cores")
+def test_busy_cores_leaves_out_this_process():
+    """A thread of this process spinning (as BLAS workers do after a product) is not another process."""
+    idle, _ = threads.busy_cores(0.3)
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        time.sleep(0.2)
+        busy, _ = threads.busy_cores(0.5)
+    finally:
+        stop.set()
+        spinner.join()
+    assert busy < idle + 0.4
 
 
 def test_environment_overrides_the_machine(monkeypatch):
